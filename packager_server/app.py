@@ -1,0 +1,349 @@
+"""The ASGI application each worker serves (through uvicorn), and its HTTP details.
+
+Endpoints (MLflow's, plus probes and metrics):
+
+=================  ======  ==============================================================
+path               method  answer
+=================  ======  ==============================================================
+/invocations       POST    predictions (:mod:`packager_server.scoring`)
+/ping, /health     GET     200 once the model is loaded (MLflow and SageMaker probes)
+/ready, /readyz    GET     same: Kubernetes readiness
+/live, /livez      GET     200 whenever the process runs, even while loading
+/version           GET     the MLflow version, as MLflow answers it
+/metrics           GET     Prometheus text format
+=================  ======  ==============================================================
+
+Where predictions run: a fast model (recent average under ``INLINE_BUDGET``) is called
+right on the event loop, because handing each request to a thread costs ~0.5 ms (measured
+by benchmarks/server_bench.py: it halves the latency of a 0.4 ms model). A slow model runs
+on one thread per worker, so that the event loop keeps answering probes meanwhile.
+
+Timeouts: inline, a SIGALRM interrupts the prediction; on the thread, the event loop
+stops waiting. Either way the client gets a 504 and the worker retires: it stops
+accepting, answers its queued requests with 503, and exits, and the supervisor forks a
+fresh copy from the loaded model (a stuck thread cannot be killed any other way; MLflow's
+server lets it run on). A prediction stuck in C code that never returns to Python is
+killed by the supervisor's watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import signal
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from packager_server.config import ServerConfig
+from packager_server.metrics import SharedMetrics
+from packager_server.scoring import JSON, Answer, Scorer, error_answer
+
+access_log = logging.getLogger("packager_server.access")
+log = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+INLINE_BUDGET = 0.05  # seconds
+_SMOOTHING = 0.2  # weight of the newest prediction in the running average
+_PROBES = {"/ping", "/health", "/ready", "/readyz"}
+_LIVE = {"/live", "/livez"}
+_MAX_REQUEST_ID = 128
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerInfo:
+    """What the worker reports about itself (labels, /version)."""
+
+    model_name: str
+    model_version: str
+    mlflow_version: str
+    load_seconds: float
+
+
+class ScoringApp:
+    """One per worker process."""
+
+    def __init__(
+        self,
+        *,
+        scorer: Scorer,
+        config: ServerConfig,
+        metrics: SharedMetrics,
+        row: int,
+        info: ServerInfo,
+        retire: Callable[[], None],
+    ) -> None:
+        self.scorer = scorer
+        self.config = config
+        self.metrics = metrics
+        self.row = row
+        self.info = info
+        self._retire = retire
+        self._labels = (("model", info.model_name), ("version", info.model_version))
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
+        self._pending: set[concurrent.futures.Future[Answer]] = set()
+        self.retiring = False
+        self._average = 0.0  # recent prediction time, seconds
+        self._in_inline_prediction = False
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        request_id = _request_id(headers.get("x-request-id"))
+        path, method = scope["path"], scope["method"]
+        answer, close = await self._route(path, method, headers, receive)
+        response_headers = [
+            (b"content-type", answer.content_type.encode()),
+            (b"content-length", str(len(answer.body)).encode()),
+            (b"x-request-id", request_id.encode()),
+        ]
+        if close:
+            response_headers.append((b"connection", b"close"))
+        if answer.status == 405:
+            allowed = b"POST" if path == "/invocations" else b"GET, HEAD"
+            response_headers.append((b"allow", allowed))
+        # Count the request before answering it: a client that reads /metrics right after
+        # its answer (perhaps from another worker) must already see it.
+        elapsed = time.perf_counter() - started
+        self.metrics.observe(self.row, path, answer.status, elapsed)
+        await send(
+            {"type": "http.response.start", "status": answer.status, "headers": response_headers}
+        )
+        await send({"type": "http.response.body", "body": b"" if method == "HEAD" else answer.body})
+        if self.config.access_log:
+            self._log_access(
+                scope,
+                method=method,
+                path=path,
+                answer=answer,
+                elapsed=elapsed,
+                request_id=request_id,
+            )
+
+    async def _route(
+        self, path: str, method: str, headers: dict[str, str], receive: Receive
+    ) -> tuple[Answer, bool]:
+        if path == "/invocations":
+            if method != "POST":
+                return error_answer(405, "BAD_REQUEST", "use POST for /invocations"), False
+            return await self._invocations(headers, receive)
+        if method not in ("GET", "HEAD"):
+            known = path in _PROBES | _LIVE | {"/version", "/metrics"}
+            if known:
+                return error_answer(405, "BAD_REQUEST", f"use GET for {path}"), False
+        if path in _PROBES:
+            if self.retiring:
+                return error_answer(503, "TEMPORARILY_UNAVAILABLE", "worker restarting"), True
+            return Answer(status=200, body=b"\n"), False  # MLflow's exact answer
+        if path in _LIVE:
+            return Answer(status=200, body=b'{"status": "alive"}'), False
+        if path == "/version":
+            return Answer(status=200, body=self.info.mlflow_version.encode()), False
+        if path == "/metrics":
+            body = self.metrics.render(
+                self._labels, workers=self.config.workers, load_seconds=self.info.load_seconds
+            )
+            return Answer(
+                status=200, body=body, content_type="text/plain; version=0.0.4; charset=utf-8"
+            ), False
+        return error_answer(404, "RESOURCE_DOES_NOT_EXIST", f"no endpoint {path[:200]}"), False
+
+    async def _invocations(self, headers: dict[str, str], receive: Receive) -> tuple[Answer, bool]:
+        limit = self.config.max_payload
+        declared = headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                return error_answer(400, "BAD_REQUEST", "invalid Content-Length"), True
+            if int(declared) > limit:
+                # Refuse before reading: the body is never buffered.
+                return _too_large(limit), True
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return error_answer(400, "BAD_REQUEST", "client disconnected"), True
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return _too_large(limit), True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        if self.retiring:
+            return error_answer(503, "TEMPORARILY_UNAVAILABLE", "worker restarting; retry"), True
+        return await self._predict(b"".join(chunks), headers.get("content-type")), False
+
+    async def _predict(self, body: bytes, content_type: str | None) -> Answer:
+        self.metrics.busy(self.row, True)
+        started = time.perf_counter()
+        try:
+            if self._average <= INLINE_BUDGET:
+                answer = self._predict_inline(body, content_type)
+            else:
+                answer = await self._predict_on_thread(body, content_type)
+        finally:
+            self.metrics.busy(self.row, False)
+        elapsed = time.perf_counter() - started
+        self._average += _SMOOTHING * (elapsed - self._average)
+        return answer
+
+    def _predict_inline(self, body: bytes, content_type: str | None) -> Answer:
+        signal.setitimer(signal.ITIMER_REAL, self.config.timeout)
+        self._in_inline_prediction = True
+        try:
+            return self.scorer.invoke(body, content_type)
+        except _Deadline:
+            self._retire_worker()
+            return self._deadline_answer()
+        finally:
+            self._in_inline_prediction = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def _on_alarm(self, signum: int, frame: object) -> None:  # noqa: ARG002 - signal API
+        if self._in_inline_prediction:  # a late alarm outside a prediction is ignored
+            raise _Deadline
+
+    async def _predict_on_thread(self, body: bytes, content_type: str | None) -> Answer:
+        future = self._executor.submit(self.scorer.invoke, body, content_type)
+        self._pending.add(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.config.timeout)
+        except asyncio.TimeoutError:
+            self._retire_worker()
+            return self._deadline_answer()
+        except (asyncio.CancelledError, concurrent.futures.CancelledError):
+            if future.cancelled() and self.retiring:
+                return error_answer(
+                    503, "TEMPORARILY_UNAVAILABLE", "worker restarting after a timeout; retry"
+                )
+            raise
+        finally:
+            self._pending.discard(future)
+
+    def _deadline_answer(self) -> Answer:
+        return error_answer(
+            504,
+            "DEADLINE_EXCEEDED",
+            f"the prediction took longer than {self.config.timeout:g} s; "
+            "the worker is being replaced",
+        )
+
+    def _retire_worker(self) -> None:
+        if self.retiring:
+            return
+        self.retiring = True
+        for future in list(self._pending):
+            future.cancel()  # only queued ones; the stuck one runs on
+        log.error("a prediction exceeded %gs; retiring worker %d", self.config.timeout, self.row)
+        self._retire()
+
+    def _log_access(
+        self,
+        scope: Scope,
+        *,
+        method: str,
+        path: str,
+        answer: Answer,
+        elapsed: float,
+        request_id: str,
+    ) -> None:
+        client = scope.get("client") or ("-", 0)
+        if self.config.log_format == "json":
+            access_log.info(
+                json.dumps(
+                    {
+                        "ts": time.time(),
+                        "client": client[0],
+                        "method": method,
+                        "path": path[:200],
+                        "status": answer.status,
+                        "duration_ms": round(elapsed * 1000, 3),
+                        "bytes": len(answer.body),
+                        "request_id": request_id,
+                        "route": answer.route,
+                        "worker": self.row,
+                    }
+                )
+            )
+        else:
+            access_log.info(
+                '%s "%s %s" %d %.2fms %dB id=%s route=%s worker=%d',
+                client[0],
+                method,
+                path[:200],
+                answer.status,
+                elapsed * 1000,
+                len(answer.body),
+                request_id,
+                answer.route,
+                self.row,
+            )
+
+
+class _Deadline(BaseException):
+    """Raised by SIGALRM inside an inline prediction that overran the timeout."""
+
+
+def _too_large(limit: int) -> Answer:
+    return error_answer(
+        413, "REQUEST_LIMIT_EXCEEDED", f"the request body exceeds the {limit}-byte limit"
+    )
+
+
+def _request_id(given: str | None) -> str:
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable() and given.isascii():
+        return given
+    return uuid.uuid4().hex
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
+# -- malformed HTTP: uvicorn answers it itself, in plain text; we answer JSON ----------
+
+_BAD_HTTP = json.dumps({"error_code": "BAD_REQUEST", "message": "invalid HTTP request"}).encode()
+_BAD_HTTP_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\ncontent-type: "
+    + JSON.encode()
+    + b"\r\ncontent-length: "
+    + str(len(_BAD_HTTP)).encode()
+    + b"\r\nconnection: close\r\n\r\n"
+    + _BAD_HTTP
+)
+
+
+class JsonErrorsHttpTools(HttpToolsProtocol):
+    def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
+        self.transport.write(_BAD_HTTP_RESPONSE)
+        self.transport.close()
+
+
+class JsonErrorsH11(H11Protocol):
+    def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
+        self.transport.write(_BAD_HTTP_RESPONSE)
+        self.transport.close()

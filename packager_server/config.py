@@ -1,0 +1,171 @@
+"""Server settings from flags and environment variables (flags win).
+
+=========================  ==========================================  ==================
+flag                       environment (first set wins)                default
+=========================  ==========================================  ==================
+``--model-dir``            PACKAGER_MODEL_DIR                          (required)
+``--host``                 PACKAGER_HOST                               0.0.0.0
+``--port``                 PACKAGER_PORT, PORT                         8080 (SageMaker's)
+``--workers``              PACKAGER_WORKERS, MLFLOW_MODELS_WORKERS     container CPU limit
+``--timeout``              PACKAGER_TIMEOUT,                           120 s (Databricks)
+                           MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+``--max-payload``          PACKAGER_MAX_PAYLOAD (bytes)                16 MiB (Databricks)
+``--graceful-timeout``     PACKAGER_GRACEFUL_TIMEOUT                   30 s
+``--log-format``           PACKAGER_LOG_FORMAT (text | json)           text
+``--no-access-log``        PACKAGER_ACCESS_LOG=0                       access log on
+``--no-fast-path``         PACKAGER_FAST_PATH=0                        fast path on
+``--debug``                PACKAGER_DEBUG=1                            off
+``--model-name``           PACKAGER_MODEL_NAME                         registered_model_meta
+``--model-version``        PACKAGER_MODEL_VERSION                      registered_model_meta
+=========================  ==========================================  ==================
+
+``--debug`` puts exception details into error answers; never enable it in production
+(answers may then contain request data).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from packager_server.cpu import available_cpus
+
+DEFAULT_TIMEOUT = 120.0
+DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
+DEFAULT_GRACEFUL_TIMEOUT = 30.0
+
+
+class ConfigError(ValueError):
+    """A setting has an invalid value."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerConfig:
+    model_dir: Path
+    host: str = "0.0.0.0"  # noqa: S104 - a container's server listens on every interface
+    port: int = 8080
+    workers: int = 1
+    timeout: float = DEFAULT_TIMEOUT
+    max_payload: int = DEFAULT_MAX_PAYLOAD
+    graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    log_format: Literal["text", "json"] = "text"
+    access_log: bool = True
+    fast_path: bool = True
+    debug: bool = False
+    model_name: str | None = None
+    model_version: str | None = None
+
+
+def _env(env: Mapping[str, str], *names: str) -> str | None:
+    for name in names:
+        value = env.get(name)
+        if value not in (None, ""):
+            return value
+    return None
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    value = env.get(name)
+    if value is None or value == "":
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={value!r}: expected 1/0, true/false, yes/no or on/off")
+
+
+def _number(value: str | None, name: str, kind: type[int] | type[float]) -> float | None:
+    if value is None:
+        return None
+    try:
+        number = kind(value)
+    except ValueError as err:
+        raise ConfigError(f"{name}: {value!r} is not a number") from err
+    if number <= 0:
+        raise ConfigError(f"{name}: must be positive, got {value}")
+    return number
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="packager_server",
+        description="Serve an MLflow pyfunc model with MLflow's scoring protocol.",
+        epilog="Every flag also has an environment variable; see the module docstring of "
+        "packager_server.config or the README.",
+    )
+    p.add_argument("--model-dir", type=Path, help="the model directory (holds MLmodel)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--workers", type=int)
+    p.add_argument("--timeout", type=float, help="seconds per request (504 after)")
+    p.add_argument("--max-payload", type=int, help="bytes per request body (413 above)")
+    p.add_argument("--graceful-timeout", type=float, help="seconds to finish on SIGTERM")
+    p.add_argument("--log-format", choices=["text", "json"])
+    p.add_argument("--no-access-log", action="store_true")
+    p.add_argument(
+        "--no-fast-path",
+        action="store_true",
+        help="always use MLflow's own parsing and schema enforcement",
+    )
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("--model-name")
+    p.add_argument("--model-version")
+    return p
+
+
+def load_config(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """Build the configuration; raises :class:`ConfigError` on invalid values."""
+    env = os.environ if env is None else env
+    args = parser().parse_args(argv)
+    model_dir = args.model_dir or (Path(v) if (v := _env(env, "PACKAGER_MODEL_DIR")) else None)
+    if model_dir is None:
+        raise ConfigError("no model: pass --model-dir or set PACKAGER_MODEL_DIR")
+    port = args.port or _number(_env(env, "PACKAGER_PORT", "PORT"), "port", int) or 8080
+    if not 0 < port < 65536:
+        raise ConfigError(f"port: {port} is not a TCP port")
+    workers = (
+        args.workers
+        or _number(_env(env, "PACKAGER_WORKERS", "MLFLOW_MODELS_WORKERS"), "workers", int)
+        or available_cpus()
+    )
+    log_format = args.log_format or _env(env, "PACKAGER_LOG_FORMAT") or "text"
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"PACKAGER_LOG_FORMAT={log_format!r}: expected text or json")
+    return ServerConfig(
+        model_dir=model_dir,
+        host=args.host or _env(env, "PACKAGER_HOST") or "0.0.0.0",  # noqa: S104
+        port=int(port),
+        workers=int(workers),
+        timeout=float(
+            args.timeout
+            or _number(
+                _env(env, "PACKAGER_TIMEOUT", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"),
+                "timeout",
+                float,
+            )
+            or DEFAULT_TIMEOUT
+        ),
+        max_payload=int(
+            args.max_payload
+            or _number(_env(env, "PACKAGER_MAX_PAYLOAD"), "max payload", int)
+            or DEFAULT_MAX_PAYLOAD
+        ),
+        graceful_timeout=float(
+            args.graceful_timeout
+            or _number(_env(env, "PACKAGER_GRACEFUL_TIMEOUT"), "graceful timeout", float)
+            or DEFAULT_GRACEFUL_TIMEOUT
+        ),
+        log_format=log_format,  # type: ignore[arg-type]
+        access_log=not args.no_access_log and _flag(env, "PACKAGER_ACCESS_LOG", True),
+        fast_path=not args.no_fast_path and _flag(env, "PACKAGER_FAST_PATH", True),
+        debug=args.debug or _flag(env, "PACKAGER_DEBUG", False),
+        model_name=args.model_name or _env(env, "PACKAGER_MODEL_NAME"),
+        model_version=args.model_version or _env(env, "PACKAGER_MODEL_VERSION"),
+    )

@@ -1,0 +1,134 @@
+"""Prometheus metrics shared by all worker processes, without a client library.
+
+A scrape reaches one worker, but must count every worker's requests. The supervisor maps
+one anonymous shared memory block before forking; each worker writes only its own row
+(one writer per row, aligned 8-byte stores: no locks), and ``/metrics`` sums the rows.
+A restarted worker takes over its predecessor's row, so counters never go backwards.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+import time
+from collections.abc import Sequence
+
+PATHS = ("/invocations", "/ping", "/health", "/version", "/metrics", "/live", "/ready", "other")
+STATUSES = (200, 400, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504, 0)  # 0: any other
+BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+)
+# Per (path, status): count, sum of seconds, one cumulative count per bucket.
+_SERIES = 2 + len(BUCKETS)
+_ROW_CELLS = len(PATHS) * len(STATUSES) * _SERIES + 2  # + worker restarts, busy-since
+_BUSY = _ROW_CELLS - 2
+_CELL = 8
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+class SharedMetrics:
+    """Request counts and latency histograms by path and status, for N worker rows."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+        self._buffer = mmap.mmap(-1, rows * _ROW_CELLS * _CELL)  # MAP_SHARED|MAP_ANONYMOUS
+        self._cells = memoryview(self._buffer).cast("d")
+
+    def observe(self, row: int, path: str, status: int, seconds: float) -> None:
+        p = PATHS.index(path) if path in PATHS else len(PATHS) - 1
+        s = STATUSES.index(status) if status in STATUSES else len(STATUSES) - 1
+        base = row * _ROW_CELLS + (p * len(STATUSES) + s) * _SERIES
+        cells = self._cells
+        cells[base] += 1
+        cells[base + 1] += seconds
+        for i, bound in enumerate(BUCKETS):
+            if seconds <= bound:
+                cells[base + 2 + i] += 1
+
+    def busy(self, row: int, busy: bool) -> None:
+        """Mark a worker as predicting (or not), for the supervisor's watchdog."""
+        self._cells[row * _ROW_CELLS + _BUSY] = time.monotonic() if busy else 0.0
+
+    def busy_for(self, row: int) -> float:
+        """Seconds the worker has been in its current prediction (0 when idle)."""
+        since = self._cells[row * _ROW_CELLS + _BUSY]
+        return time.monotonic() - since if since else 0.0
+
+    def reset_row(self, row: int) -> None:
+        self._cells[row * _ROW_CELLS + _BUSY] = 0.0
+
+    def worker_restarted(self, row: int) -> None:
+        self._cells[row * _ROW_CELLS + _ROW_CELLS - 1] += 1
+
+    def _total(self, offset: int) -> float:
+        return sum(self._cells[row * _ROW_CELLS + offset] for row in range(self.rows))
+
+    def render(
+        self, labels: Sequence[tuple[str, str]], *, workers: int, load_seconds: float
+    ) -> bytes:
+        """The Prometheus text exposition format (version 0.0.4)."""
+        base = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
+        lines = [
+            "# HELP packager_requests_total HTTP requests answered, by path and status.",
+            "# TYPE packager_requests_total counter",
+        ]
+        histogram = [
+            "# HELP packager_request_duration_seconds Time to answer a request.",
+            "# TYPE packager_request_duration_seconds histogram",
+        ]
+        for p, path in enumerate(PATHS):
+            for s, status in enumerate(STATUSES):
+                offset = (p * len(STATUSES) + s) * _SERIES
+                count = self._total(offset)
+                if not count:
+                    continue
+                series = f'{base},path="{path}",status="{status or "other"}"'
+                lines.append(f"packager_requests_total{{{series}}} {count:.0f}")
+                for i, bound in enumerate(BUCKETS):
+                    histogram.append(
+                        f"packager_request_duration_seconds_bucket{{{series},"
+                        f'le="{bound}"}} {self._total(offset + 2 + i):.0f}'
+                    )
+                histogram.append(
+                    f'packager_request_duration_seconds_bucket{{{series},le="+Inf"}} {count:.0f}'
+                )
+                histogram.append(
+                    f"packager_request_duration_seconds_sum{{{series}}} "
+                    f"{self._total(offset + 1):.6f}"
+                )
+                histogram.append(f"packager_request_duration_seconds_count{{{series}}} {count:.0f}")
+        restarts = self._total(_ROW_CELLS - 1)
+        lines += [
+            *histogram,
+            "# HELP packager_workers Worker processes configured.",
+            "# TYPE packager_workers gauge",
+            f"packager_workers{{{base}}} {workers}",
+            "# HELP packager_worker_restarts_total Workers replaced after a crash or timeout.",
+            "# TYPE packager_worker_restarts_total counter",
+            f"packager_worker_restarts_total{{{base}}} {restarts:.0f}",
+            "# HELP packager_model_load_seconds Time the model took to load.",
+            "# TYPE packager_model_load_seconds gauge",
+            f"packager_model_load_seconds{{{base}}} {load_seconds:.3f}",
+        ]
+        return ("\n".join(lines) + "\n").encode()
+
+
+assert struct.calcsize("d") == _CELL  # noqa: S101 - a platform invariant, not input

@@ -1,0 +1,140 @@
+"""``/invocations``: MLflow's scoring semantics, answered in JSON that never leaks data.
+
+Status codes and predictions are MLflow's own: the exact path calls MLflow's
+``scoring_server.invocations``; the fast path (:mod:`packager_server.fastpath`) gives the
+same answers for the requests it accepts. What we change, without breaking clients:
+
+* every error is JSON ``{"error_code", "message"}`` (MLflow answers 415 in plain text);
+* messages never echo the request's data and carry no stack trace (MLflow puts both in
+  its 400 answers) unless the server runs with ``--debug``;
+* JSON nested too deeply or with over-long integers is a 400, not a 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from packager_server.fastpath import FastPath
+
+log = logging.getLogger(__name__)
+
+JSON = "application/json"
+_QUOTED = re.compile(r"'([^']{3,})'|\"([^\"]{3,})\"")
+_MAX_MESSAGE = 2000
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    route: str = "-"  # "fast" or "exact" for /invocations answers, for the access log
+    content_type: str = JSON
+
+
+def error_answer(status: int, code: str, message: str) -> Answer:
+    body = json.dumps({"error_code": code, "message": message}).encode()
+    return Answer(status=status, body=body)
+
+
+class Scorer:
+    """Answers ``/invocations`` bodies for one loaded model."""
+
+    def __init__(self, model: Any, *, fast_path: bool = True, debug: bool = False) -> None:
+        self.model = model
+        self.debug = debug
+        self.input_schema = model.metadata.get_input_schema()
+        self.fast = FastPath.build(model) if fast_path else None
+        self._schema_words = self._words_from_schema()
+
+    def invoke(self, body: bytes, content_type: str | None) -> Answer:
+        if not content_type:
+            return error_answer(
+                415,
+                "BAD_REQUEST",
+                "missing Content-Type header: send "
+                "application/json, text/csv or application/vnd.apache.parquet",
+            )
+        if self.fast is not None:
+            request = self.fast.parse(body, content_type)
+            if request is not None:
+                try:
+                    return Answer(status=200, body=self.fast.predict(request), route="fast")
+                except Exception:
+                    log.debug("fast path failed; answering through MLflow's path", exc_info=True)
+        return replace(self._exact(body, content_type), route="exact")
+
+    def _exact(self, body: bytes, content_type: str) -> Answer:
+        from mlflow.exceptions import MlflowException  # noqa: PLC0415
+        from mlflow.pyfunc.scoring_server import invocations  # noqa: PLC0415
+
+        try:
+            result = invocations(  # type: ignore[no-untyped-call]
+                body, content_type, self.model, self.input_schema
+            )
+        except MlflowException as err:
+            status: int = err.get_http_status_code()  # type: ignore[no-untyped-call]
+            return error_answer(status, str(err.error_code), self._message(err.message, body))
+        except RecursionError:
+            return error_answer(400, "BAD_REQUEST", "the JSON body is nested too deeply")
+        except ValueError as err:  # e.g. int() digit limits while decoding JSON
+            return error_answer(
+                400,
+                "BAD_REQUEST",
+                f"the body could not be decoded: {self._message(str(err), body)}",
+            )
+        except Exception:
+            log.exception("unexpected error while scoring")
+            return error_answer(
+                500,
+                "INTERNAL_ERROR",
+                "internal error while scoring; see the server log for the traceback",
+            )
+        if result.mimetype != JSON:  # MLflow's plain-text 415 answers
+            return error_answer(result.status, "BAD_REQUEST", result.response[:_MAX_MESSAGE])
+        return Answer(status=result.status, body=result.response.encode())
+
+    # -- messages ---------------------------------------------------------------------
+
+    def _message(self, message: str, body: bytes) -> str:
+        """MLflow's message without the request data it embeds (unless debugging)."""
+        if self.debug:
+            return message[: _MAX_MESSAGE * 10]
+        text = message.split("\nInput:", 1)[0]  # JSON decode errors append the whole body
+        if "Failed to enforce schema" in text or text.startswith("Failed to predict data"):
+            reason = text.rsplit("Error: ", 1)[-1].strip()
+            prefix = (
+                "Failed to enforce the model's input schema: "
+                if "Failed to enforce schema" in text
+                else "Failed to predict: "
+            )
+            text = prefix + reason
+        if self._echoes(text, body):
+            text = (
+                text.split(":", 1)[0] + ": details withheld because they contain request "
+                "data (start the server with --debug to see them)"
+            )
+        return text[:_MAX_MESSAGE]
+
+    def _echoes(self, text: str, body: bytes) -> bool:
+        """True when a quoted value in ``text`` comes from the request body."""
+        raw = body.decode("utf-8", "replace")
+        for match in _QUOTED.finditer(text):
+            value = match.group(1) or match.group(2)
+            if value in raw and value not in self._schema_words:
+                return True
+        return False
+
+    def _words_from_schema(self) -> frozenset[str]:
+        """Column names and types: quoting these is not echoing data."""
+        if self.input_schema is None:
+            return frozenset()
+        words: set[str] = set()
+        for spec in self.input_schema.inputs:
+            if getattr(spec, "name", None):
+                words.add(str(spec.name))
+            words.add(str(getattr(getattr(spec, "type", None), "name", "")))
+        return frozenset(words)

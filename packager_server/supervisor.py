@@ -1,0 +1,390 @@
+"""The master process: bind, load the model once, fork workers, keep them alive.
+
+Life cycle::
+
+    bind the port ─► answer probes while loading (live: 200, ready: 503)
+                  ─► load the model, warm it up with its serving example, gc.freeze()
+                  ─► fork N workers (copy-on-write: they share the loaded model)
+                  ─► respawn any worker that dies (crash, or retired after a timeout)
+    SIGTERM/SIGINT ─► close the listening socket, ask workers to finish in-flight
+                      requests within --graceful-timeout, then exit 0
+
+Exit codes: 0 after a clean shutdown, 2 for bad configuration or a busy port, 3 when the
+model cannot be loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import selectors
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from packager_server.config import ConfigError, ServerConfig, load_config
+
+log = logging.getLogger("packager_server")
+
+EXIT_CONFIG = 2
+EXIT_LOAD_FAILED = 3
+EXIT_RETIRED = 70  # a worker that stopped itself after a request timeout
+_RESTART_BACKOFF_MAX = 30.0
+_RETIRE_HARD_EXIT_SECONDS = 3.0
+# A worker still busy this long after its request timed out is stuck in code that never
+# returns to Python (no signal can reach it): the watchdog kills it.
+_WATCHDOG_GRACE_SECONDS = 10.0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        config = load_config(argv)
+    except ConfigError as err:
+        sys.stderr.write(f"packager_server: error: {err}\n")
+        return EXIT_CONFIG
+    _configure_logging(config)
+    return Supervisor(config).run()
+
+
+class Supervisor:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.workers: dict[int, int] = {}  # pid -> row
+        self._stopping = False
+        self._failures: dict[int, int] = {}  # row -> consecutive quick deaths
+
+    def run(self) -> int:
+        try:
+            sock = _bind(self.config.host, self.config.port)
+        except OSError as err:
+            # A busy port is an operator error, not a bug: no traceback.
+            log.error(  # noqa: TRY400
+                "cannot listen on %s:%d: %s", self.config.host, self.config.port, err
+            )
+            return EXIT_CONFIG
+        responder = LoadingResponder(sock)
+        responder.start()
+        started = time.monotonic()
+        try:
+            model, info = load_model(self.config)
+        except Exception:
+            log.exception("could not load the model from %s", self.config.model_dir)
+            responder.stop()
+            return EXIT_LOAD_FAILED
+        # Imported after MLflow's environment is set up, and before forking so that
+        # workers share them instead of importing them each.
+        import uvicorn  # noqa: F401, PLC0415
+
+        from packager_server.app import ServerInfo  # noqa: PLC0415
+        from packager_server.metrics import SharedMetrics  # noqa: PLC0415
+        from packager_server.scoring import Scorer  # noqa: PLC0415
+
+        scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
+        _warm_up(scorer, self.config.model_dir)
+        load_seconds = time.monotonic() - started
+        self.info = ServerInfo(load_seconds=load_seconds, **info)
+        self.scorer, self.metrics, self.sock = scorer, SharedMetrics(self.config.workers), sock
+        responder.stop()
+        log.info(
+            "model %s version %s loaded in %.2fs; starting %d worker(s) on %s:%d",
+            self.info.model_name,
+            self.info.model_version,
+            load_seconds,
+            self.config.workers,
+            self.config.host,
+            self.config.port,
+        )
+        # Objects alive now are shared with every worker: keep the collector off them so
+        # it doesn't dirty (and so copy) their pages.
+        gc.collect()
+        gc.freeze()
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        for row in range(self.config.workers):
+            self._spawn(row)
+        return self._supervise()
+
+    def _on_stop(self, signum: int, frame: object) -> None:  # noqa: ARG002 - signal API
+        if not self._stopping:
+            log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        self._stopping = True
+
+    def _spawn(self, row: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                code = _run_worker(self, row)
+            except BaseException:
+                log.exception("worker %d failed", row)
+            finally:
+                os._exit(code)
+        self.workers[pid] = row
+
+    def _supervise(self) -> int:
+        births = dict.fromkeys(self.workers, time.monotonic())
+        while not self._stopping:
+            time.sleep(0.2)
+            self._watchdog()
+            for pid, status in _reap():
+                row = self.workers.pop(pid, None)
+                if row is None or self._stopping:
+                    continue
+                code = os.waitstatus_to_exitcode(status)
+                quick = time.monotonic() - births.pop(pid, 0.0) < 5.0
+                self._failures[row] = self._failures.get(row, 0) + 1 if quick else 0
+                why = (
+                    "retired after a request timeout"
+                    if code == EXIT_RETIRED
+                    else f"exited with {code}"
+                )
+                log.warning("worker %d (pid %d) %s; starting a new one", row, pid, why)
+                self.metrics.worker_restarted(row)
+                delay = min(_RESTART_BACKOFF_MAX, 0.5 * 2 ** self._failures[row]) if quick else 0
+                if delay:
+                    time.sleep(delay)
+                self._spawn(row)
+                births[next(p for p, r in self.workers.items() if r == row)] = time.monotonic()
+        return self._shutdown()
+
+    def _watchdog(self) -> None:
+        limit = self.config.timeout + _WATCHDOG_GRACE_SECONDS
+        for pid, row in list(self.workers.items()):
+            if self.metrics.busy_for(row) > limit:
+                log.error(
+                    "worker %d (pid %d) has been predicting for over %.0fs; killing it",
+                    row,
+                    pid,
+                    limit,
+                )
+                self.metrics.reset_row(row)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def _shutdown(self) -> int:
+        self.sock.close()  # new connections are refused from now on
+        for pid in list(self.workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.graceful_timeout + 5
+        while self.workers and time.monotonic() < deadline:
+            for pid, _ in _reap():
+                self.workers.pop(pid, None)
+            time.sleep(0.05)
+        for pid in list(self.workers):
+            log.warning("worker pid %d did not stop in time; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        log.info("stopped")
+        return 0
+
+
+def _reap() -> list[tuple[int, int]]:
+    found: list[tuple[int, int]] = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return found
+        if pid == 0:
+            return found
+        found.append((pid, status))
+
+
+def _run_worker(supervisor: Supervisor, row: int) -> int:
+    import uvicorn  # noqa: PLC0415 - imported by the master before forking (see run)
+
+    from packager_server.app import JsonErrorsH11, JsonErrorsHttpTools, ScoringApp  # noqa: PLC0415
+
+    config = supervisor.config
+    # uvicorn re-raises the signal it caught once it has shut down; end quietly then.
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+    signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+    server: uvicorn.Server | None = None
+
+    def retire() -> None:
+        if server is not None:
+            server.should_exit = True
+        # A stuck prediction thread would block interpreter exit: leave hard, soon.
+        threading.Timer(_RETIRE_HARD_EXIT_SECONDS, os._exit, args=(EXIT_RETIRED,)).start()
+
+    app = ScoringApp(
+        scorer=supervisor.scorer,
+        config=config,
+        metrics=supervisor.metrics,
+        row=row,
+        info=supervisor.info,
+        retire=retire,
+    )
+    try:
+        import httptools  # noqa: F401, PLC0415 - the faster parser, when installed
+
+        http: Any = JsonErrorsHttpTools
+    except ImportError:
+        http = JsonErrorsH11
+    try:
+        import uvloop  # noqa: F401, PLC0415
+
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            http=http,
+            loop=loop,
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=max(1, int(config.graceful_timeout)),
+        )
+    )
+    server.run(sockets=[supervisor.sock])
+    return EXIT_RETIRED if app.retiring else 0
+
+
+def load_model(config: ServerConfig) -> tuple[Any, dict[str, str]]:
+    """Load the model with MLflow, as ``mlflow models serve`` does; returns it and labels."""
+    # An image must never phone home: MLflow 3 sends usage telemetry unless told not to.
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+    import mlflow  # noqa: PLC0415
+    import mlflow.pyfunc  # noqa: PLC0415
+
+    model = mlflow.pyfunc.load_model(str(config.model_dir))
+    meta = _registered_model_meta(config.model_dir)
+    return model, {
+        "model_name": config.model_name or meta.get("model_name") or config.model_dir.name,
+        "model_version": config.model_version or meta.get("model_version") or "",
+        "mlflow_version": mlflow.__version__,
+    }
+
+
+def _registered_model_meta(model_dir: Path) -> dict[str, str]:
+    import yaml  # noqa: PLC0415 - a dependency of MLflow
+
+    try:
+        data = yaml.safe_load((model_dir / "registered_model_meta").read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+
+
+def _warm_up(scorer: Any, model_dir: Path) -> None:
+    """One prediction before forking, so every worker starts with warm caches."""
+    example = model_dir / "serving_input_example.json"
+    if not example.is_file():
+        return
+    answer = scorer.invoke(example.read_bytes(), "application/json")
+    log.info("warm-up prediction on the serving example: %d (%s path)", answer.status, answer.route)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class LoadingResponder(threading.Thread):
+    """Answers probes on the listening socket until the model is loaded."""
+
+    _LIVE = (b"/live", b"/livez")
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(name="loading-responder", daemon=True)
+        self.sock = sock
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        selector = selectors.DefaultSelector()
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ)
+        try:
+            while not self._stop_event.is_set():
+                for _ in selector.select(timeout=0.1):
+                    try:
+                        conn, _ = self.sock.accept()
+                    except BlockingIOError:
+                        continue
+                    with conn:
+                        self._answer(conn)
+        finally:
+            selector.unregister(self.sock)
+            selector.close()
+
+    def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(2.0)
+        try:
+            head = conn.recv(8192)
+        except OSError:
+            return
+        parts = head.split(b" ", 2)
+        path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+        if path in self._LIVE:
+            status, body = b"200 OK", b'{"status": "loading"}'
+        else:
+            status = b"503 Service Unavailable"
+            body = json.dumps(
+                {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "the model is loading"}
+            ).encode()
+        with contextlib.suppress(OSError):
+            conn.sendall(
+                b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
+                b"content-length: "
+                + str(len(body)).encode()
+                + b"\r\nconnection: close\r\n\r\n"
+                + body
+            )
+
+    def stop(self) -> None:
+        self._stop_event.set()
+        self.join()
+        self.sock.setblocking(True)
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": record.created,
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def _configure_logging(config: ServerConfig) -> None:
+    """Server logs on stderr; the access log on stdout (one line per request)."""
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(
+        _JsonFormatter()
+        if config.log_format == "json"
+        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [errors]
+    root.setLevel(logging.DEBUG if config.debug else logging.INFO)
+    for noisy in ("mlflow", "uvicorn", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    access = logging.getLogger("packager_server.access")
+    access.propagate = False
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.handlers[:] = [handler]
+    access.setLevel(logging.INFO)
