@@ -1,0 +1,604 @@
+"""``packager`` command line: parse arguments, call :mod:`packager.api`, print the result.
+
+Output contract: results go to stdout (one JSON document with ``--json``); logs, progress and
+errors go to stderr. With ``--json`` an error is also printed to stdout as
+``{"error": {...}}`` so a pipeline can read it. Exit codes: see :mod:`packager.errors`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from packager import __version__, api, publish
+from packager.cache import ModelCache
+from packager.env.inputs import IndexOptions
+from packager.errors import ALL_ERRORS, PackagerError, UsageError
+from packager.image.base import DEFAULT_MIRROR, build_base
+from packager.jsonable import to_jsonable
+from packager.progress import LogProgress, Progress, RichProgress
+from packager.redact import SecretFilter, scrub
+from packager.reference import FORMS_HELP
+from packager.render import render
+from packager.source import RegistryOptions
+
+log = logging.getLogger("packager")
+
+_EXIT_CODES = "\n".join(
+    f"  {cls.exit_code:<4} {cls.__name__}: {(cls.__doc__ or '').strip().splitlines()[0]}"
+    for cls in ALL_ERRORS
+)
+
+_DESCRIPTION = f"""\
+Package an MLflow model version as a serving image.
+
+model references: {FORMS_HELP}.
+The tracking server comes from --tracking-uri or MLFLOW_TRACKING_URI, with MLflow's usual
+auth variables (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_USERNAME/PASSWORD, Databricks).
+"""
+
+_EPILOG = f"""\
+examples:
+  packager inspect models:/wine@champion
+  packager inspect models:/wine/3 --json | jq .spec.requirements
+  packager inspect ./downloaded-model
+  packager lock models:/wine@champion -o wine.lock
+  packager serve models:/wine@champion --port 5001
+
+exit codes:
+  0    success
+  1    unexpected error (a bug: please report it with --debug output)
+{_EXIT_CODES}
+  130  interrupted
+"""
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON document on stdout (logs stay on stderr)",
+    )
+    common.add_argument(
+        "--debug", action="store_true", help="verbose logs and tracebacks on errors"
+    )
+    registry = argparse.ArgumentParser(add_help=False)
+    registry.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking server (default: $MLFLOW_TRACKING_URI)",
+    )
+    registry.add_argument(
+        "--registry-uri",
+        metavar="URI",
+        help="model registry, if not the tracking server (default: $MLFLOW_REGISTRY_URI)",
+    )
+    registry.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        type=Path,
+        help="download cache (default: $PACKAGER_CACHE_DIR or the user cache)",
+    )
+
+    parser = argparse.ArgumentParser(
+        prog="packager",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"packager {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    inspect = commands.add_parser(
+        "inspect",
+        parents=[common, registry],
+        help="describe what a model needs to be served",
+        description="Resolve a model reference, download the model (cached), and describe "
+        "its flavors, Python, requirements, code, artifacts, wheels and signature.",
+        epilog="examples:\n  packager inspect models:/wine/Production\n"
+        "  packager inspect runs:/0a1b2c.../model --json\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    inspect.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    inspect.set_defaults(handler=_inspect)
+
+    lock = commands.add_parser(
+        "lock",
+        parents=[common, registry],
+        help="lock the model's requirements for the image, with hashes",
+        description="Resolve the model's requirements, its wheels and the scoring server's "
+        "needs into one lock: every package pinned with == and its sha256 hashes, for the "
+        "image's Python and platform (not this machine's). Cached by its inputs.",
+        epilog="examples:\n  packager lock models:/wine/3 -o wine.lock\n"
+        "  packager lock models:/wine/3 --python 3.12 --platform linux/arm64\n"
+        "  packager lock models:/wine/3 --lock wine.lock   # verify a lock you keep\n"
+        "  packager lock models:/dbx-model/1 --wheel-dir ./wheels --download\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lock.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    lock.add_argument("-o", "--output", type=Path, help="write the lock here (default: stdout)")
+    lock.add_argument("--resolver", choices=["uv", "pip-tools"], default="uv")
+    lock.add_argument("--python", help="target Python X.Y (default: the model's)")
+    lock.add_argument("--platform", default="linux/amd64", choices=["linux/amd64", "linux/arm64"])
+    lock.add_argument(
+        "--lock",
+        type=Path,
+        dest="lock_file",
+        help="use this lock as is, after checking it satisfies the model",
+    )
+    lock.add_argument(
+        "--wheel-dir",
+        type=Path,
+        action="append",
+        default=[],
+        help="directory of wheels (e.g. for /dbfs/... paths); repeatable",
+    )
+    lock.add_argument(
+        "--index-url",
+        help="package index (credentials allowed; default: $PIP_INDEX_URL, or the model's)",
+    )
+    lock.add_argument(
+        "--extra-index-url",
+        action="append",
+        default=[],
+        help="additional index; repeatable (default: $PIP_EXTRA_INDEX_URL)",
+    )
+    lock.add_argument(
+        "--download",
+        action="store_true",
+        help="also download every wheel into the cache (the wheelhouse)",
+    )
+    lock.add_argument(
+        "--ignore-conda",
+        action="store_true",
+        help="lock only the pip requirements of a model whose conda.yaml has conda packages",
+    )
+    lock.add_argument(
+        "--mlflow-skinny",
+        action="store_true",
+        help="swap mlflow for mlflow-skinny of the same version (plus numpy, pandas, pyarrow) "
+        "for a smaller image; PythonModel and sklearn models only",
+    )
+    lock.set_defaults(handler=_lock)
+
+    _add_image_commands(commands, common, registry)
+
+    serve = commands.add_parser(
+        "serve",
+        parents=[common, registry],
+        help="serve a model locally with packager's scoring server",
+        description="Fetch the model (cached) and run packager_server on it in this Python "
+        "environment, which must have the model's requirements installed. It speaks "
+        "MLflow's scoring protocol: POST /invocations, GET /ping, /health, /version, "
+        "/metrics, /live, /ready.",
+        epilog="examples:\n  packager serve models:/wine@champion --port 5001\n"
+        "  curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\\n"
+        '    -d \'{"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}\'\n',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, help="processes (default: the CPU limit)")
+    serve.add_argument("--timeout", type=float, help="seconds per request (default 120)")
+    serve.add_argument("--max-payload", type=int, help="bytes per request (default 16 MiB)")
+    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.set_defaults(handler=_serve)
+    return parser
+
+
+def _add_image_commands(
+    commands: Any, common: argparse.ArgumentParser, registry: argparse.ArgumentParser
+) -> None:
+    """generate, build, test and base build."""
+    image_parent = argparse.ArgumentParser(add_help=False)
+    image_parent.add_argument(
+        "--base-image",
+        default=None,
+        metavar="REF",
+        help="base image in the local engine (default: python:X.Y-slim for the model's Python)",
+    )
+    image_parent.add_argument(
+        "--system-package",
+        action="append",
+        default=[],
+        metavar="PKG",
+        help="Debian package to install in the image (e.g. libgomp1)",
+    )
+    image_parent.add_argument("--wheel-dir", type=Path, action="append", default=[])
+    image_parent.add_argument(
+        "--mlflow-skinny",
+        action="store_true",
+        help="swap mlflow for mlflow-skinny (see `packager lock`)",
+    )
+
+    generate = commands.add_parser(
+        "generate",
+        parents=[common, registry, image_parent],
+        help="write a self-contained Docker build context for a model",
+        description="Lock the model, download its wheelhouse and write a build context "
+        "(Dockerfile, lock, wheels, server, model) that builds with no network.",
+        epilog="example:\n  packager generate models:/wine/3 -o build/wine && "
+        "docker build build/wine\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    generate.add_argument("model", metavar="MODEL")
+    generate.add_argument("-o", "--output", type=Path, required=True, help="context directory")
+    generate.set_defaults(handler=_generate)
+
+    build = commands.add_parser(
+        "build",
+        parents=[common, registry, image_parent],
+        help="build a serving image with the Docker engine",
+        description="Lock, generate and build the model's image with the Docker engine; "
+        "the tag is set only after a successful build.",
+        epilog="examples:\n  packager base build --python 3.11 -t packager-base:3.11\n"
+        "  packager build models:/wine@champion -t wine:3 --base-image packager-base:3.11\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    build.add_argument("model", metavar="MODEL")
+    build.add_argument("-t", "--tag", required=True, help="IMAGE:TAG")
+    build.add_argument("--push", action="store_true", help="push the image after building")
+    build.set_defaults(handler=_build)
+
+    check = commands.add_parser(
+        "test",
+        parents=[common, registry],
+        help="run an image and check it answers as the model does",
+        description="Run the image on a random local port, wait until ready, check /ping, "
+        "/health, /version, /metrics, replay the model's serving example (and --payload "
+        "files) and compare with MLflow's answers computed here; exit non-zero on any "
+        "mismatch. The container is always removed.",
+        epilog="example:\n  packager test wine:3 --model models:/wine@champion\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("image", metavar="IMAGE")
+    check.add_argument("--model", required=True, help="the model the image was built from")
+    check.add_argument(
+        "--payload",
+        type=Path,
+        action="append",
+        default=[],
+        help="a JSON request body to replay; repeatable",
+    )
+    check.set_defaults(handler=_test)
+
+    push_parser = commands.add_parser(
+        "push",
+        parents=[common],
+        help="push an image to a registry and print its digest",
+        description="Push IMAGE with the Docker engine. Credentials: docker login / "
+        "credential helpers, or PACKAGER_REGISTRY_USERNAME and PACKAGER_REGISTRY_PASSWORD. "
+        "Succeeds only when the registry confirms a digest.",
+        epilog="example:\n  packager push registry.example.com/team/wine:3\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    push_parser.add_argument("image", metavar="IMAGE")
+    push_parser.set_defaults(handler=_push)
+
+    base = commands.add_parser("base", help="base images built from Debian's packages")
+    base_commands = base.add_subparsers(dest="base_command", metavar="COMMAND", required=True)
+    base_build = base_commands.add_parser(
+        "build",
+        parents=[common],
+        help="build a minimal Debian + Python base image with mmdebstrap",
+        description="Build a base image from Debian's packages (mmdebstrap), for engines "
+        "that cannot pull. Debian ships Python 3.11 (bookworm) and 3.13 (trixie).",
+        epilog="example:\n  packager base build --python 3.11 -t packager-base:3.11\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    base_build.add_argument("--python", required=True, help="X.Y")
+    base_build.add_argument("-t", "--tag", required=True)
+    base_build.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror")
+    base_build.add_argument("--rebuild", action="store_true", help="even if the tag exists")
+    base_build.set_defaults(handler=_base_build)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    result = api.inspect_model(
+        args.model,
+        **_source(args),
+    )
+    if args.json:
+        _print_json(to_jsonable(result))
+    else:
+        sys.stdout.write(render("inspect.txt.j2", inspection=result))
+    return 0
+
+
+def _lock(args: argparse.Namespace) -> int:
+    for directory in args.wheel_dir:
+        if not directory.is_dir():
+            raise UsageError(f"--wheel-dir {directory}: no such directory")
+    report = api.lock_model(
+        args.model,
+        api.LockOptions(
+            resolver=args.resolver,
+            python=args.python,
+            platform=args.platform,
+            lock_file=args.lock_file,
+            download=args.download,
+            mlflow_skinny=args.mlflow_skinny,
+            ignore_conda=args.ignore_conda,
+            index=IndexOptions.from_environment(
+                index_url=args.index_url,
+                extra_index_urls=tuple(args.extra_index_url),
+                wheel_dirs=tuple(d.resolve() for d in args.wheel_dir),
+            ),
+        ),
+        **_source(args),
+        cache_root=args.cache_dir,
+    )
+    result = report.result
+    text = result.lock.render()
+    if args.output:
+        _write_atomically(args.output, text)
+    how = (
+        "verified"
+        if result.from_file
+        else "from cache"
+        if result.cached
+        else f"resolved in {result.seconds:.1f}s"
+    )
+    log.info(
+        "%d packages for %s (%s, %s)",
+        len(result.lock.packages),
+        result.lock.target.describe(),
+        result.lock.resolver,
+        how,
+    )
+    if args.json:
+        wheelhouse = report.wheelhouse
+        _print_json(
+            {
+                "lock": str(args.output) if args.output else None,
+                "digest": result.lock.digest,
+                "target": to_jsonable(result.lock.target),
+                "resolver": result.lock.resolver,
+                "cached": result.cached,
+                "seconds": round(result.seconds, 3),
+                "packages": to_jsonable(result.lock.packages),
+                "wheelhouse": None
+                if wheelhouse is None
+                else {
+                    "downloaded": wheelhouse.downloaded,
+                    "files": [to_jsonable(f) for f in wheelhouse.files],
+                },
+            }
+        )
+    elif not args.output:
+        sys.stdout.write(text)
+    return 0
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {err.strerror}") from err
+
+
+def _image_options(args: argparse.Namespace, python_default: str | None = None) -> api.ImageOptions:
+    return api.ImageOptions(
+        base_image=args.base_image or f"python:{python_default or '3.11'}-slim",
+        system_packages=tuple(args.system_package),
+        lock=api.LockOptions(
+            mlflow_skinny=args.mlflow_skinny,
+            index=IndexOptions.from_environment(
+                wheel_dirs=tuple(d.resolve() for d in args.wheel_dir)
+            ),
+        ),
+    )
+
+
+def _generate(args: argparse.Namespace) -> int:
+    result = api.generate_context(
+        args.model, args.output, _image_options(args), **_source(args), cache_root=args.cache_dir
+    )
+    log.info("wrote the build context to %s (%d files)", args.output, len(result.plan.files))
+    if args.json:
+        _print_json(
+            {
+                "context": str(args.output),
+                "files": len(result.plan.files),
+                "lock_digest": result.lock.result.lock.digest,
+            }
+        )
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    built = api.build_image(
+        args.model,
+        args.tag,
+        _image_options(args),
+        **_source(args),
+        cache_root=args.cache_dir,
+        on_log=None if args.json else lambda line: log.info("%s", line),
+    )
+    pushed = publish.push(built.tags[0]) if args.push else None
+    if args.json:
+        _print_json(
+            {
+                "image_id": built.image_id,
+                "tags": list(built.tags),
+                "pushed": to_jsonable(pushed) if pushed else None,
+                "size_bytes": built.size_bytes,
+                "base_image": built.base_image,
+                "base_image_id": built.base_image_id,
+                "lock_digest": built.context.lock.result.lock.digest,
+            }
+        )
+    else:
+        sys.stdout.write(f"{built.tags[0]} {built.image_id} {built.size_bytes / 2**20:.0f} MiB\n")
+        if pushed is not None:
+            sys.stdout.write(f"pushed {pushed.pinned}\n")
+    return 0
+
+
+def _test(args: argparse.Namespace) -> int:
+    report = api.verify_built_image(
+        args.image,
+        args.model,
+        payloads=tuple(args.payload),
+        **{k: v for k, v in _source(args).items() if k != "progress"},
+    )
+    if args.json:
+        _print_json(to_jsonable(report) | {"passed": report.passed})
+    else:
+        for path, status in report.endpoints:
+            sys.stdout.write(f"GET {path}: {status}\n")
+        for payload in report.payloads:
+            verdict = "ok" if payload.matches else "MISMATCH"
+            sys.stdout.write(
+                f"POST {payload.name}: {payload.status} "
+                f"(expected {payload.expected_status}) {verdict}\n"
+            )
+        sys.stdout.write(
+            f"ready after {report.startup_seconds:.1f}s, p50 "
+            f"{report.latency_p50_ms:.1f} ms: "
+            f"{'passed' if report.passed else 'FAILED'}\n"
+        )
+    return 0 if report.passed else 20
+
+
+def _push(args: argparse.Namespace) -> int:
+    pushed = publish.push(args.image)
+    if args.json:
+        _print_json(to_jsonable(pushed))
+    else:
+        sys.stdout.write(f"{pushed.pinned}\n")
+    return 0
+
+
+def _base_build(args: argparse.Namespace) -> int:
+    base = build_base(args.python, args.tag, mirror=args.mirror, rebuild=args.rebuild)
+    if args.json:
+        _print_json(to_jsonable(base))
+    else:
+        how = "built" if base.built else "already present"
+        sys.stdout.write(
+            f"{base.reference} {base.image_id} (Debian {base.suite}, Python {base.python}, {how})\n"
+        )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    command = api.serve_command(
+        args.model,
+        api.ServeOptions(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            timeout=args.timeout,
+            max_payload=args.max_payload,
+            log_format=args.log_format,
+        ),
+        **_source(args),
+    )
+    if args.json:
+        _print_json({"argv": list(command.argv), "provenance": to_jsonable(command.provenance)})
+        sys.stdout.flush()
+    log.info("serving %s on http://%s:%d", args.model, args.host, args.port)
+    sys.stderr.flush()
+    # Replace this process: signals (SIGTERM, Ctrl-C) and the exit code are the server's.
+    os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
+    return 0  # pragma: no cover - execv does not return
+
+
+def _source(args: argparse.Namespace) -> dict[str, Any]:
+    """The registry, cache and progress options every model-taking command shares."""
+    return {
+        "options": RegistryOptions(tracking_uri=args.tracking_uri, registry_uri=args.registry_uri),
+        "cache": ModelCache(args.cache_dir) if args.cache_dir else None,
+        "progress": _progress(),
+    }
+
+
+def _progress() -> Progress:
+    return RichProgress() if sys.stderr.isatty() else LogProgress()
+
+
+def _print_json(data: object) -> None:
+    json.dump(data, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+def _configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(SecretFilter())
+    handler.setFormatter(
+        logging.Formatter(
+            "%(asctime)s %(name)s %(levelname)s %(message)s" if debug else "packager: %(message)s"
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    # MLflow draws its own tqdm bars on downloads; ours replace them.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI and return its exit code (never calls ``sys.exit``)."""
+    parser = _build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help/--version (0) and usage errors (2)
+        return int(exc.code or 0)
+    _configure_logging(args.debug)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except PackagerError as err:
+        return _report(err, err.exit_code, args)
+    except KeyboardInterrupt:
+        sys.stderr.write("packager: interrupted\n")
+        return 130
+    except Exception as err:
+        if args.debug:
+            raise
+        return _report(err, 1, args, unexpected=True)
+
+
+def _report(
+    err: Exception, code: int, args: argparse.Namespace, *, unexpected: bool = False
+) -> int:
+    if args.debug:
+        log.exception("failed")
+    message = scrub(getattr(err, "message", None) or str(err))
+    hint = getattr(err, "hint", None)
+    if unexpected:
+        message = f"unexpected {type(err).__name__}: {message}"
+        hint = "this is a bug in packager; run again with --debug and report the traceback"
+    sys.stderr.write(f"packager: error: {message}\n")
+    if hint:
+        sys.stderr.write(f"  hint: {scrub(hint)}\n")
+    if args.json:
+        _print_json(
+            {
+                "error": {
+                    "type": type(err).__name__,
+                    "message": message,
+                    "hint": scrub(hint) if hint else None,
+                    "exit_code": code,
+                }
+            }
+        )
+    return code
+
+
+def entrypoint() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

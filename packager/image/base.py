@@ -1,0 +1,140 @@
+"""Base images built from Debian's packages, for engines that can't pull (air-gapped sites).
+
+``mmdebstrap`` writes a minimal Debian root file system with the Python the model needs,
+then the engine imports it. Debian ships one Python per release, so the Python minor
+decides the suite: 3.11 is bookworm, 3.13 trixie. The image has a non-root user
+(``model``, uid 10001) for the server, and no ``/etc/resolv.conf`` or ``/etc/hostname``
+from the build machine. With the same mirror snapshot and ``SOURCE_DATE_EPOCH``,
+mmdebstrap writes the same tar.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packager.errors import UsageError
+from packager.image import engine
+from packager.runner import find_tool, run
+
+log = logging.getLogger(__name__)
+
+SUITES = {"3.11": "bookworm", "3.13": "trixie"}
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+USER_ID = 10001
+# Reproducible rootfs: the epoch of the packager release that defined this recipe.
+DEFAULT_EPOCH = 1767225600  # 2026-01-01T00:00:00Z
+PACKAGES = ("python3", "python3-venv", "ca-certificates", "libgomp1")
+_REFERENCE = re.compile(
+    r"^(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?[a-z0-9]+(?:[._-][a-z0-9]+)*"
+    r"(?:/[a-z0-9]+(?:[._-][a-z0-9]+)*)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$"
+)
+
+
+def validate_reference(reference: str) -> str:
+    """Reject an invalid image name or tag before anything is built."""
+    if len(reference) > 255 or not _REFERENCE.match(reference):
+        raise UsageError(
+            f"{reference!r} is not a valid image reference",
+            hint="use [REGISTRY[:PORT]/]NAME[:TAG] with a lower-case name, e.g. "
+            "registry.example.com/team/wine:3",
+        )
+    return reference
+
+
+@dataclass(frozen=True, kw_only=True)
+class BaseImage:
+    reference: str
+    image_id: str
+    python: str
+    suite: str
+    built: bool  # False when it already existed
+
+
+def suite_for(python: str) -> str:
+    minor = ".".join(python.split(".")[:2])
+    suite = SUITES.get(minor)
+    if suite is None:
+        shipped = ", ".join(f"{v} ({s})" for v, s in SUITES.items())
+        raise UsageError(
+            f"no Debian release ships Python {minor} (Debian ships {shipped})",
+            hint="use --base-image with an image that has this Python (e.g. python:"
+            f"{minor}-slim), or lock the model for a Python Debian ships",
+        )
+    return suite
+
+
+def build_base(
+    python: str,
+    reference: str,
+    *,
+    mirror: str = DEFAULT_MIRROR,
+    epoch: int = DEFAULT_EPOCH,
+    rebuild: bool = False,
+    client: Any | None = None,
+) -> BaseImage:
+    """Build (or reuse) ``reference`` as a Debian base with Python ``python``."""
+    validate_reference(reference)
+    suite = suite_for(python)
+    minor = ".".join(python.split(".")[:2])
+    client = client or engine.connect()
+    if not rebuild and engine.image_exists(client, reference):
+        image = client.images.get(reference)
+        return BaseImage(
+            reference=reference, image_id=str(image.id), python=minor, suite=suite, built=False
+        )
+    mmdebstrap = find_tool("mmdebstrap", install_hint="apt-get install mmdebstrap")
+    with tempfile.TemporaryDirectory(prefix="packager-base-") as tmp:
+        rootfs = Path(tmp) / "rootfs.tar"
+        hooks = [
+            (
+                f'chroot "$1" useradd --system --uid {USER_ID} --user-group --no-create-home '
+                "--shell /usr/sbin/nologin model"
+            ),
+            'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+        ]
+        argv = [
+            mmdebstrap,
+            "--variant=apt",
+            "--mode=root",
+            f"--include={','.join(PACKAGES)}",
+            "--dpkgopt=path-exclude=/usr/share/doc/*",
+            "--dpkgopt=path-exclude=/usr/share/man/*",
+            "--dpkgopt=path-exclude=/usr/share/locale/*",
+            *(f"--customize-hook={hook}" for hook in hooks),
+            suite,
+            str(rootfs),
+            mirror,
+        ]
+        log.info(
+            "building the base image %s: Debian %s with Python %s (mmdebstrap)",
+            reference,
+            suite,
+            minor,
+        )
+        run(
+            argv,
+            what="building the base root file system with mmdebstrap",
+            env={"SOURCE_DATE_EPOCH": str(epoch)},
+            timeout=1800,
+        )
+        repository, _, tag_name = reference.rpartition(":")
+        if not repository or "/" in tag_name:
+            repository, tag_name = reference, "latest"
+        image_id = engine.import_rootfs(
+            client,
+            rootfs,
+            repository,
+            tag_name,
+            changes=[
+                "ENV LANG=C.UTF-8",
+                f'LABEL org.opencontainers.image.title="Debian {suite} with Python {minor}"',
+                f'LABEL io.packager.base.python="{minor}"',
+                f'LABEL io.packager.base.suite="{suite}"',
+            ],
+        )
+    return BaseImage(reference=reference, image_id=image_id, python=minor, suite=suite, built=True)

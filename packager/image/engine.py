@@ -1,0 +1,137 @@
+"""The one door to the Docker engine (docker-py): connect, build, import, run, remove.
+
+Every call turns docker-py's exceptions into packager's errors; nothing else in packager
+imports docker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from packager.errors import DockerUnavailableError, ImageBuildError
+
+log = logging.getLogger(__name__)
+
+
+def connect() -> Any:
+    """A docker-py client for the engine, or a clear error with the DOCKER_HOST hint."""
+    import docker  # noqa: PLC0415 - imported only where the engine is used
+    from docker.errors import DockerException  # noqa: PLC0415
+
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    try:
+        client = docker.from_env(timeout=600)
+        client.ping()
+    except DockerException as err:
+        raise DockerUnavailableError(
+            f"cannot reach the Docker engine at {host}: {err}",
+            hint="start the Docker daemon, or point DOCKER_HOST at it "
+            "(e.g. unix:///var/run/docker.sock or tcp://host:2375)",
+        ) from err
+    return client
+
+
+def image_exists(client: Any, reference: str) -> bool:
+    from docker.errors import ImageNotFound  # noqa: PLC0415
+
+    try:
+        client.images.get(reference)
+    except ImageNotFound:
+        return False
+    return True
+
+
+def import_rootfs(client: Any, tarball: Path, repository: str, tag: str, changes: list[str]) -> str:
+    """``docker import``: a root file system tar as an image; returns its id."""
+    with tarball.open("rb") as data:
+        result = client.api.import_image_from_data(
+            data, repository=repository, tag=tag, changes=changes
+        )
+    status = result if isinstance(result, str) else str(result)
+    if "error" in status.lower():
+        raise ImageBuildError(f"importing the base image failed: {status[-1000:]}")
+    return str(client.images.get(f"{repository}:{tag}").id)
+
+
+def build(client: Any, context: Path) -> Iterator[str]:
+    """Build ``context``; yields log lines, then the image id as ``"id:" + id``.
+
+    The image is built untagged: the caller tags it only after the build succeeded, so a
+    failed or interrupted build never leaves a tag behind.
+    """
+    from docker.errors import APIError  # noqa: PLC0415
+
+    image_id = None
+    last: list[str] = []
+    try:
+        stream = client.api.build(path=str(context), rm=True, forcerm=True, pull=False, decode=True)
+        for chunk in stream:
+            if "error" in chunk:
+                raise ImageBuildError(
+                    "the image build failed: " + str(chunk["error"]).strip(),
+                    hint="the build log above shows the failing step",
+                )
+            text = str(chunk.get("stream", "")).rstrip()
+            if text:
+                last = [*last[-20:], text]
+                yield text
+            aux = chunk.get("aux") or {}
+            if "ID" in aux:
+                image_id = str(aux["ID"])
+    except APIError as err:
+        raise ImageBuildError(f"the Docker engine refused the build: {err.explanation}") from err
+    if image_id is None:
+        raise ImageBuildError("the build ended without an image id:\n" + "\n".join(last))
+    yield "id:" + image_id
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    image_id: str
+    python: str | None  # major.minor, when it can be told
+
+
+def base_python(client: Any, reference: str) -> BaseInfo:
+    """The base image's id and Python minor (from its labels, its env, or by asking it)."""
+    from docker.errors import ImageNotFound  # noqa: PLC0415
+
+    try:
+        image = client.images.get(reference)
+    except ImageNotFound as err:
+        raise ImageBuildError(
+            f"the base image {reference} is not in the local engine, and packager does not "
+            "pull during a build",
+            hint="pull it first (docker pull), or build one from Debian's packages with "
+            "`packager base build --python X.Y -t TAG`",
+        ) from err
+    config = image.attrs.get("Config") or {}
+    labels = config.get("Labels") or {}
+    if labels.get("io.packager.base.python"):
+        return BaseInfo(str(image.id), str(labels["io.packager.base.python"]))
+    for entry in config.get("Env") or []:
+        if entry.startswith("PYTHON_VERSION="):  # the official python images
+            return BaseInfo(str(image.id), ".".join(entry.split("=", 1)[1].split(".")[:2]))
+    try:
+        out = client.containers.run(
+            image.id,
+            ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            remove=True,
+        )
+    except Exception as err:
+        raise ImageBuildError(
+            f"the base image {reference} has no python3 that runs",
+            hint="use a base image with Python",
+        ) from err
+    return BaseInfo(str(image.id), out.decode().strip())
+
+
+def tag(client: Any, image_id: str, reference: str) -> None:
+    repository, _, name = reference.rpartition(":")
+    if not repository or "/" in name:
+        repository, name = reference, "latest"
+    client.images.get(image_id).tag(repository, name)

@@ -1,0 +1,183 @@
+"""Stage 4, ``stage``: the files to ship and the Dockerfile, as data, then on disk.
+
+:func:`plan_context` computes everything (pure: no Docker, no network);
+:func:`write_context` writes a self-contained build context that any builder can build
+with no network (docker, buildx, kaniko, buildah)::
+
+    Dockerfile              rendered from templates/Dockerfile.j2
+    requirements.lock       the lock (pip --require-hashes format)
+    wheels/                 the wheelhouse: every locked wheel, nothing else
+    server/packager_server  the scoring server
+    model-code/             the model's code/ (its own layer)
+    model-artifacts/        PythonModel artifacts (their own layer)
+    model/                  MLmodel, env files, weights, examples
+
+Layers go from what changes least to what changes most, so a new version of a model with
+the same lock reuses every layer up to its own files. Environment files are shipped with
+every URL's credentials removed (a model's requirements.txt may name a private index with
+its token).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import packager_server
+from packager import __version__
+from packager.digest import walk_files
+from packager.env.lock import Lock
+from packager.env.wheelhouse import Wheelhouse
+from packager.redact import redact_uris_in
+from packager.render import render
+from packager.source import Provenance
+from packager.spec import ModelSpec
+from packager.spec.environment import ENV_FILE_NAMES
+
+MODEL_DIR = "/opt/model"
+VENV = "/opt/venv"
+SERVER_DIR = "/opt/packager/server"
+PORT = 8080
+USER_ID = 10001
+
+
+@dataclass(frozen=True, kw_only=True)
+class ContextFile:
+    destination: str  # relative to the build context
+    source: Path | None = None
+    content: bytes | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildPlan:
+    """Everything needed to write the build context; comparable and testable."""
+
+    base_image: str
+    python: str
+    files: tuple[ContextFile, ...]
+    labels: tuple[tuple[str, str], ...]
+    environment: tuple[tuple[str, str], ...]
+    system_packages: tuple[str, ...]
+    dockerfile: str
+
+
+def plan_context(
+    spec: ModelSpec,
+    provenance: Provenance,
+    lock: Lock,
+    wheelhouse: Wheelhouse,
+    *,
+    base_image: str,
+    system_packages: tuple[str, ...] = (),
+) -> BuildPlan:
+    files: list[ContextFile] = [
+        ContextFile(destination="requirements.lock", content=lock.render().encode()),
+        *(ContextFile(destination=f"wheels/{w.filename}", source=w.path) for w in wheelhouse.files),
+        *_server_files(),
+    ]
+    code_prefix = f"{spec.pyfunc.code}/" if spec.pyfunc.code else None
+    artifact_prefixes = tuple(f"{a.path.rstrip('/')}" for a in spec.artifacts)
+    for path in walk_files(spec.path):
+        if "__pycache__" in path.parts:
+            continue
+        relative = path.relative_to(spec.path).as_posix()
+        if code_prefix and relative.startswith(code_prefix):
+            files.append(ContextFile(destination=f"model-code/{relative}", source=path))
+        elif any(relative == p or relative.startswith(p + "/") for p in artifact_prefixes):
+            files.append(ContextFile(destination=f"model-artifacts/{relative}", source=path))
+        elif relative in ENV_FILE_NAMES:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            files.append(
+                ContextFile(destination=f"model/{relative}", content=redact_uris_in(text).encode())
+            )
+        else:
+            files.append(ContextFile(destination=f"model/{relative}", source=path))
+    labels = _labels(spec, provenance, lock)
+    environment = (
+        ("PATH", f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        ("PYTHONPATH", SERVER_DIR),
+        ("PYTHONDONTWRITEBYTECODE", "1"),
+        ("PACKAGER_MODEL_DIR", MODEL_DIR),
+        ("PACKAGER_PORT", str(PORT)),
+        ("PACKAGER_MODEL_NAME", provenance.model_name or spec.path.name),
+        ("PACKAGER_MODEL_VERSION", provenance.model_version or ""),
+        ("MLFLOW_DISABLE_TELEMETRY", "true"),
+        ("DO_NOT_TRACK", "true"),
+    )
+    plan = BuildPlan(
+        base_image=base_image,
+        python=lock.target.python,
+        files=tuple(files),
+        labels=labels,
+        environment=environment,
+        system_packages=system_packages,
+        dockerfile="",
+    )
+    dockerfile = render_dockerfile(plan)
+    return replace(plan, dockerfile=dockerfile)
+
+
+def render_dockerfile(plan: BuildPlan) -> str:
+    return render(
+        "Dockerfile.j2",
+        plan=plan,
+        packager_version=__version__,
+        venv=VENV,
+        model_dir=MODEL_DIR,
+        server_dir=SERVER_DIR,
+        port=PORT,
+        user_id=USER_ID,
+    )
+
+
+def write_context(plan: BuildPlan, directory: Path) -> None:
+    """Write the build context (replacing ``directory``'s contents)."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    (directory / "Dockerfile").write_text(plan.dockerfile)
+    for item in plan.files:
+        target = directory / item.destination
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if item.content is not None:
+            target.write_bytes(item.content)
+        elif item.source is not None:
+            try:  # wheels are large and immutable in the cache: link, don't copy
+                os.link(item.source, target)
+            except OSError:
+                shutil.copy2(item.source, target)
+    for folder in ("model-code", "model-artifacts"):
+        (directory / folder).mkdir(exist_ok=True)  # COPY needs the folder, even empty
+
+
+def _server_files() -> list[ContextFile]:
+    package = Path(packager_server.__file__).parent
+    return [
+        ContextFile(destination=f"server/packager_server/{p.name}", source=p)
+        for p in sorted(package.glob("*.py"))
+    ]
+
+
+def _labels(spec: ModelSpec, provenance: Provenance, lock: Lock) -> tuple[tuple[str, str], ...]:
+    name = provenance.model_name or spec.path.name
+    pairs = [
+        ("org.opencontainers.image.title", f"{name} (MLflow model)"),
+        ("org.opencontainers.image.version", provenance.model_version or ""),
+        ("org.opencontainers.image.revision", provenance.run_id or ""),
+        ("org.opencontainers.image.source", provenance.source or ""),
+        (
+            "org.opencontainers.image.description",
+            f"MLflow model {name} served by packager_server {packager_server.__version__}",
+        ),
+        ("io.packager.model.name", name),
+        ("io.packager.model.version", provenance.model_version or ""),
+        ("io.packager.model.run-id", provenance.run_id or ""),
+        ("io.packager.model.source", provenance.source or ""),
+        ("io.packager.model.digest", provenance.content_digest),
+        ("io.packager.registry", provenance.registry_uri or provenance.tracking_uri or ""),
+        ("io.packager.lock.digest", lock.digest),
+        ("io.packager.version", __version__),
+    ]
+    return tuple((k, v) for k, v in pairs if v)
