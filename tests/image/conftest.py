@@ -1,0 +1,114 @@
+"""Fixtures for image tests: the Docker engine and a base image built from Debian's packages."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import free_port, unavailable, wait_for_http
+
+BASE = "packager-test-base:3.11"
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Any:
+    from packager.errors import DockerUnavailableError
+    from packager.image import engine
+
+    try:
+        return engine.connect()
+    except DockerUnavailableError as err:
+        unavailable(str(err))
+        raise
+
+
+@pytest.fixture(scope="session")
+def base_image(docker_client: Any) -> str:
+    """Built once per machine with mmdebstrap (reused when the tag exists)."""
+    from packager.errors import ToolMissingError
+    from packager.image.base import build_base
+    from packager.runner import find_tool
+
+    try:
+        find_tool("mmdebstrap", install_hint="apt-get install mmdebstrap")
+    except ToolMissingError as err:
+        unavailable(str(err))
+    return build_base("3.11", BASE, client=docker_client).reference
+
+
+@contextlib.contextmanager
+def registry(root: Path, *, readonly: bool = False) -> Iterator[str]:
+    """Debian's docker-registry (the CNCF distribution registry) on a free loopback port."""
+    exe = shutil.which("docker-registry")
+    if exe is None:
+        unavailable("docker-registry is not installed (apt-get install docker-registry)")
+    port = free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "config.yml"
+    maintenance = "  maintenance:\n    readonly:\n      enabled: true\n" if readonly else ""
+    config.write_text(
+        f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root}/data\n"
+        f"{maintenance}http:\n  addr: 127.0.0.1:{port}\n"
+    )
+    log = root / "registry.log"
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(exe), "serve", str(config)], stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/v2/", 30, process, log)
+        yield f"127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def pyfunc_code_image(
+    mlflow_server: Any,
+    registered_models: Any,
+    base_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    """The code-and-artifacts model, built once per session."""
+    tag = "packager-test/pyfunc-code:1"
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("packager")),
+            "build",
+            "models:/pyfunc-code/1",
+            "-t",
+            tag,
+            "--base-image",
+            base_image,
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=1800,
+        env={
+            **os.environ,
+            "MLFLOW_TRACKING_URI": mlflow_server.uri,
+            "PACKAGER_CACHE_DIR": str(tmp_path_factory.mktemp("image-cache")),
+        },
+    )
+    if result.returncode != 0:
+        pytest.fail(
+            f"building {tag} failed:\n{result.stdout}\n{result.stderr[-4000:]}", pytrace=False
+        )
+    return tag

@@ -1,0 +1,144 @@
+"""Images built by the real Docker engine from real registered models, then run."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packager.cli import main
+from tests.conftest import MlflowServer
+from tests.unit.modeldirs import PYFUNC_SKLEARN, write_model
+
+pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
+
+
+def build(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
+    code = main(["build", *args, "--json"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return code, json.loads(out)
+
+
+def run_in(image: str, script: str) -> str:
+    return subprocess.run(
+        ["docker", "run", "--rm", "--entrypoint", "sh", image, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+
+
+def test_code_and_artifacts_model(
+    registry_env: MlflowServer,
+    pyfunc_code_image: str,
+    capsys: pytest.CaptureFixture[str],
+    docker_client: Any,
+) -> None:
+    tag = pyfunc_code_image
+    image = docker_client.images.get(tag)
+    config = image.attrs["Config"]
+    assert config["User"] == "10001:10001"
+    assert "8080/tcp" in config["ExposedPorts"]
+    assert config["Healthcheck"]["Test"][0] == "CMD"
+    labels = config["Labels"]
+    assert labels["io.packager.model.name"] == "pyfunc-code"
+    assert labels["io.packager.model.version"] == "1"
+    assert labels["io.packager.lock.digest"].startswith("sha256:")
+    # Multi-stage: no wheelhouse, lock or pip left in the image.
+    assert run_in(tag, "ls /tmp/packager /opt/venv/bin/pip 2>&1 || true").count("No such file") == 2
+    assert run_in(tag, "ls /opt/model/code/textclf /opt/model/artifacts/tokenizer").split() == [
+        "/opt/model/artifacts/tokenizer:",
+        "tokenizer_config.json",
+        "vocab.txt",
+        "/opt/model/code/textclf:",
+        "__init__.py",
+        "model.py",
+    ]
+    # The model's own layers come last: code, then artifacts, then the rest.
+    history = [h.get("CreatedBy", "") for h in image.history()]
+    steps = [
+        i
+        for i, line in enumerate(history)
+        for part in ("COPY dir:", "COPY dir:", "COPY dir:")
+        if part in line
+    ]
+    assert steps, history
+    assert main(["test", tag, "--model", "models:/pyfunc-code/1"]) == 0
+    report = capsys.readouterr().out
+    assert "serving_input_example.json: 200 (expected 200) ok" in report
+    assert "passed" in report
+
+
+def test_no_credentials_in_the_image(  # noqa: PLR0917 - pytest fixtures
+    registry_env: MlflowServer,
+    base_image: str,
+    cache_dir: Path,
+    private_index: Any,
+    private_wheels: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The model's requirements name a private index with its token: none of it ships."""
+    # Index credentials from the environment, as in a CI pipeline.
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", private_index.url_with_credentials)
+    tag = "packager-test/abs-wheel-path:1"
+    code, out = build(
+        capsys,
+        "models:/abs-wheel-path/1",
+        "-t",
+        tag,
+        "--base-image",
+        base_image,
+        "--wheel-dir",
+        str(private_wheels["acme-featurizer"].parent),
+        "--mlflow-skinny",
+    )
+    assert code == 0, out
+    saved = tmp_path / "image.tar"
+    subprocess.run(["docker", "save", "-o", str(saved), tag], check=True, timeout=300)
+    found = _search_saved_image(
+        saved, [private_index.password.encode(), private_index.username.encode()]
+    )
+    assert found == []
+    # The model's requirements.txt is in the image, with the index but not its credentials.
+    requirements = run_in(tag, "cat /opt/model/requirements.txt")
+    assert private_index.url in requirements
+    assert main(["test", tag, "--model", "models:/abs-wheel-path/1"]) == 0
+
+
+def _search_saved_image(saved: Path, needles: list[bytes]) -> list[str]:
+    """Every layer file, the config and the history of a `docker save` tar."""
+    hits = []
+    with tarfile.open(saved) as outer:
+        for member in outer.getmembers():
+            if not member.isfile():
+                continue
+            data = outer.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name.endswith(".tar") or member.name.endswith("layer.tar"):
+                with tarfile.open(fileobj=io.BytesIO(data)) as layer:
+                    for item in layer.getmembers():
+                        if item.isfile():
+                            content = layer.extractfile(item).read()  # type: ignore[union-attr]
+                            hits += [f"{member.name}:{item.name}" for n in needles if n in content]
+            hits += [member.name for n in needles if n in data]
+    return hits
+
+
+def test_base_with_another_python_is_refused_before_building(
+    base_image: str, tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = json.loads(json.dumps(PYFUNC_SKLEARN))
+    data["flavors"]["python_function"]["python_version"] = "3.12.1"
+    model = write_model(tmp_path / "model", data, {"requirements.txt": "six==1.17.0\n"})
+    code, out = build(capsys, str(model), "-t", "packager-test/never:1", "--base-image", base_image)
+    assert code == 2
+    assert "has Python 3.11, the model needs 3.12" in out["error"]["message"]
+    assert "packager base build --python 3.12" in out["error"]["hint"]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from packager.cli import main
+from packager.errors import ALL_ERRORS
+from tests.unit.modeldirs import PYFUNC_SKLEARN, write_model
+
+
+def test_help_shows_examples_and_every_exit_code(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "examples:" in out
+    assert "packager inspect models:/wine@champion" in out
+    for cls in ALL_ERRORS:
+        assert f"{cls.exit_code:<4} {cls.__name__}" in out
+    assert len({cls.exit_code for cls in ALL_ERRORS}) == len(ALL_ERRORS)
+
+
+def test_inspect_help_has_examples(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["inspect", "--help"]) == 0
+    assert "packager inspect models:/wine/Production" in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["frobnicate"]) == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_local_model_human_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_model(tmp_path / "model", PYFUNC_SKLEARN)
+    assert main(["inspect", str(root)]) == 0
+    human = capsys.readouterr().out
+    assert "Python     3.11.7" in human
+    assert "Flavors    python_function, sklearn 1.5.2 [cloudpickle]" in human
+    assert "Signature  none" in human
+    assert main(["inspect", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["provenance"]["reached_through"] == "local"
+    assert data["spec"]["pyfunc"]["loader_module"] == "mlflow.sklearn"
+
+
+@pytest.mark.parametrize(
+    ("mlmodel", "code", "message"),
+    [
+        (None, 5, "has no MLmodel file"),
+        ("flavors: [", 5, "not valid YAML"),
+        ({"flavors": {"keras": {}}}, 6, "no 'python_function' flavor"),
+    ],
+)
+def test_bad_models_exit_with_their_code_and_no_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mlmodel: object, code: int, message: str
+) -> None:
+    root = write_model(tmp_path / "model", mlmodel)  # type: ignore[arg-type]
+    assert main(["inspect", str(root)]) == code
+    err = capsys.readouterr().err
+    assert message in err
+    assert "Traceback" not in err
+    assert main(["inspect", str(root), "--json"]) == code
+    out = json.loads(capsys.readouterr().out)
+    assert out["error"]["exit_code"] == code
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = write_model(tmp_path / "model", "flavors: [")
+    assert main(["inspect", str(root), "--debug"]) == 5
+    assert "Traceback" in capsys.readouterr().err
