@@ -1,0 +1,106 @@
+"""Train the example model and register it in an embedded SQLite MLflow registry.
+
+No tracking server is needed: MLflow writes the registry to ``<dir>/mlflow.db`` and the
+artifacts to ``<dir>/artifacts``. The model is the one the benchmarks use: a decision tree
+on the wine data (13 double columns), wrapped in a PythonModel, registered as
+``wine-classifier`` with the alias ``@champion``. Each run registers one more version.
+
+    python examples/register_example.py --dir .packager-demo
+    export MLFLOW_TRACKING_URI=sqlite:///.packager-demo/mlflow.db
+    packager inspect models:/wine-classifier@champion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import pandas as pd
+from mlflow.models import infer_signature
+from mlflow.pyfunc.model import PythonModel
+from mlflow.tracking import MlflowClient
+from sklearn.datasets import load_wine
+from sklearn.tree import DecisionTreeClassifier
+
+MODEL_NAME = "wine-classifier"
+
+
+class WineClassifier(PythonModel):
+    """Loads the tree from its artifact and predicts the wine class of each row."""
+
+    def load_context(self, context: Any) -> None:
+        with Path(context.artifacts["tree"]).open("rb") as handle:
+            self.tree = pickle.load(handle)  # noqa: S301 - our own artifact
+
+    def predict(
+        self,
+        context: Any,  # noqa: ARG002 - MLflow's signature
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,  # noqa: ARG002 - MLflow's signature
+    ) -> list[int]:
+        return [int(v) for v in self.tree.predict(model_input)]
+
+
+def register(directory: Path) -> dict[str, str]:
+    directory = directory.resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    tracking_uri = f"sqlite:///{directory / 'mlflow.db'}"
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = "packager-example"
+    if mlflow.get_experiment_by_name(experiment) is None:
+        mlflow.create_experiment(experiment, artifact_location=(directory / "artifacts").as_uri())
+    mlflow.set_experiment(experiment)
+
+    data = load_wine(as_frame=True)
+    features = data.data.astype("float64")
+    tree = DecisionTreeClassifier(max_depth=4, random_state=0).fit(features, data.target)
+    example = features.iloc[:2]
+    with tempfile.TemporaryDirectory() as tmp:
+        tree_path = Path(tmp) / "tree.pkl"
+        tree_path.write_bytes(pickle.dumps(tree))
+        signature = infer_signature(example, [int(v) for v in tree.predict(example)])
+        with mlflow.start_run(run_name="wine-classifier"):
+            mlflow.log_params({"max_depth": 4, "random_state": 0})
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=WineClassifier(),
+                artifacts={"tree": str(tree_path)},
+                signature=signature,
+                input_example=example,
+                registered_model_name=MODEL_NAME,
+                pip_requirements=[f"scikit-learn=={_version('sklearn')}", "pandas"],
+            )
+    version = str(info.registered_model_version)
+    client = MlflowClient()
+    client.set_registered_model_alias(MODEL_NAME, "champion", version)
+    client.update_model_version(MODEL_NAME, version, description="wine classifier example")
+    return {
+        "tracking_uri": tracking_uri,
+        "model": f"models:/{MODEL_NAME}/{version}",
+        "alias": f"models:/{MODEL_NAME}@champion",
+    }
+
+
+def _version(module: str) -> str:
+    return str(__import__(module).__version__)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=Path(".packager-demo"),
+        help="where the SQLite registry and artifacts go",
+    )
+    args = parser.parse_args()
+    print(json.dumps(register(args.dir)))
+
+
+if __name__ == "__main__":
+    main()
