@@ -6,7 +6,9 @@ with no network (docker, buildx, kaniko, buildah)::
 
     Dockerfile              rendered from templates/Dockerfile.j2
     requirements.lock       the lock (pip --require-hashes format)
+    wheelhouse.txt          every wheel's sha256, name, version (wheelinstall's manifest)
     wheels/                 the wheelhouse: every locked wheel, nothing else
+    tools/                  wheelinstall.py and pypa's installer, to install the wheels
     server/packager_server  the scoring server
     model-code/             the model's code/ (its own layer)
     model-artifacts/        PythonModel artifacts (their own layer)
@@ -20,6 +22,7 @@ its token).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, replace
@@ -41,6 +44,13 @@ VENV = "/opt/venv"
 SERVER_DIR = "/opt/packager/server"
 PORT = 8080
 USER_ID = 10001
+# One definition for both backends (the Dockerfile and the OCI config).
+ENTRYPOINT = ("python", "-m", "packager_server")
+HEALTHCHECK = (
+    "python",
+    "-c",
+    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{PORT}/ready', timeout=2)",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,7 +84,9 @@ def plan_context(
 ) -> BuildPlan:
     files: list[ContextFile] = [
         ContextFile(destination="requirements.lock", content=lock.render().encode()),
+        ContextFile(destination="wheelhouse.txt", content=wheelhouse_manifest(wheelhouse)),
         *(ContextFile(destination=f"wheels/{w.filename}", source=w.path) for w in wheelhouse.files),
+        *_tool_files(),
         *_server_files(),
     ]
     code_prefix = f"{spec.pyfunc.code}/" if spec.pyfunc.code else None
@@ -129,11 +141,27 @@ def render_dockerfile(plan: BuildPlan) -> str:
         server_dir=SERVER_DIR,
         port=PORT,
         user_id=USER_ID,
+        entrypoint=json.dumps(list(ENTRYPOINT)),
+        healthcheck=json.dumps(list(HEALTHCHECK)),
     )
 
 
+def wheelhouse_manifest(wheelhouse: Wheelhouse) -> bytes:
+    """The manifest :mod:`packager.image.wheelinstall` checks the wheels against."""
+    lines = [
+        f"{w.sha256} {w.name} {w.version} {w.filename}" + (" built" if w.built_here else "")
+        for w in sorted(wheelhouse.files, key=lambda w: w.filename)
+    ]
+    return ("\n".join(["# sha256 name version filename [built]", *lines]) + "\n").encode()
+
+
 def write_context(plan: BuildPlan, directory: Path) -> None:
-    """Write the build context (replacing ``directory``'s contents)."""
+    """Write the build context (replacing ``directory``'s contents).
+
+    Modes are normalized (0644, or 0755 when any execute bit is set) because COPY keeps
+    them: with a umask of 077 the image's files would otherwise be unreadable by its
+    non-root user.
+    """
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
@@ -144,12 +172,40 @@ def write_context(plan: BuildPlan, directory: Path) -> None:
         if item.content is not None:
             target.write_bytes(item.content)
         elif item.source is not None:
-            try:  # wheels are large and immutable in the cache: link, don't copy
-                os.link(item.source, target)
-            except OSError:
-                shutil.copy2(item.source, target)
+            if item.source.stat().st_mode & 0o777 == normal_mode(item.source.stat().st_mode):
+                try:  # wheels are large and immutable in the cache: link, don't copy
+                    os.link(item.source, target)
+                    continue
+                except OSError:
+                    pass
+            shutil.copyfile(item.source, target)
+        target.chmod(normal_mode(target.stat().st_mode))
     for folder in ("model-code", "model-artifacts"):
         (directory / folder).mkdir(exist_ok=True)  # COPY needs the folder, even empty
+    (directory / "Dockerfile").chmod(0o644)
+    for folder, _, _ in os.walk(directory):
+        Path(folder).chmod(0o755)
+
+
+def normal_mode(mode: int) -> int:
+    """0755 for anything executable by someone, 0644 otherwise (what image layers get)."""
+    return 0o755 if mode & 0o111 else 0o644
+
+
+def _tool_files() -> list[ContextFile]:
+    """wheelinstall.py and the pure-Python ``installer`` package it imports."""
+    import installer  # noqa: PLC0415 - a dependency, needed only here
+
+    from packager.image import wheelinstall  # noqa: PLC0415
+
+    package = Path(installer.__file__).parent
+    files = [ContextFile(destination="tools/wheelinstall.py", source=Path(wheelinstall.__file__))]
+    files += [
+        ContextFile(destination=f"tools/installer/{p.relative_to(package).as_posix()}", source=p)
+        for p in sorted(package.rglob("*.py"))
+        if "__pycache__" not in p.parts
+    ]
+    return files
 
 
 def _server_files() -> list[ContextFile]:

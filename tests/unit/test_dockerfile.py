@@ -50,7 +50,7 @@ def test_layer_order_and_hygiene() -> None:
         text.index(step)
         for step in (
             "FROM packager-base:3.11 AS dependencies",
-            "--require-hashes",
+            "wheelinstall.py --venv /opt/venv",
             "COPY --from=dependencies",
             "COPY server/",
             "COPY model-code/",
@@ -60,7 +60,8 @@ def test_layer_order_and_hygiene() -> None:
         )
     ]
     assert order == sorted(order)
-    assert "--no-index" in text
+    assert "--lock /tmp/packager/requirements.lock" in text
+    assert "--manifest /tmp/packager/wheelhouse.txt" in text
     assert 'ENTRYPOINT ["python", "-m", "packager_server"]' in text
     assert "EXPOSE 8080" in text
     assert "HEALTHCHECK" in text

@@ -1,0 +1,204 @@
+"""Install a locked wheelhouse into a virtualenv tree, the same way on any machine.
+
+Both image backends use this one installer, so their ``/opt/venv`` trees are identical:
+the Docker backend runs it inside the build (with the base image's Python, from the
+context's ``tools/``), the OCI backend runs it on the build machine into a staging
+directory. It imports only the standard library and pypa's ``installer`` (the reference
+implementation of the wheel spec, pure Python, no dependencies), so it runs from the
+build context with no network and no pip.
+
+What it checks, in the spirit of ``pip install --no-index --require-hashes``:
+
+- every wheel in the wheel directory is listed in the manifest with its sha256, and the
+  file matches it;
+- every manifest entry's hash is one the lock allows for that name and version, unless
+  the manifest marks the wheel as built from the lock's (hash-checked) sdist.
+
+The tree it writes does not depend on the interpreter running it, the umask (the image
+layer writers normalize modes), or the clock: no bytecode, a fixed ``INSTALLER``, wheels
+installed in file name order, and a ``pyvenv.cfg`` that names only the Python version.
+
+Manifest format (``wheelhouse.txt``), one wheel per line::
+
+    <sha256 hex> <name> <version> <filename> [built]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import re
+import sys
+from pathlib import Path
+
+INSTALLER_NAME = b"packager"
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s\\;]+)")
+_HASH = re.compile(r"--hash=sha256:([0-9a-f]{64})")
+
+
+class InstallError(Exception):
+    """A wheelhouse that does not match its manifest or lock."""
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def lock_hashes(lock_text: str) -> dict[tuple[str, str], set[str]]:
+    """(canonical name, version) -> allowed sha256 hex digests, from a pip hash lock."""
+    allowed: dict[tuple[str, str], set[str]] = {}
+    current: tuple[str, str] | None = None
+    for raw in lock_text.splitlines():
+        line = raw.strip()
+        match = _PIN.match(line)
+        if match:  # hashes follow their pin, on continuation lines
+            current = (canonical(match.group(1)), match.group(2))
+            allowed.setdefault(current, set())
+        if current is not None:
+            allowed[current].update(_HASH.findall(line))
+    return allowed
+
+
+def read_manifest(text: str) -> list[tuple[str, str, str, str, bool]]:
+    entries = []
+    for number, raw in enumerate(text.splitlines(), 1):
+        if not raw.strip() or raw.startswith("#"):
+            continue
+        parts = raw.split()
+        if len(parts) not in (4, 5) or len(parts[0]) != 64:
+            raise InstallError(f"wheelhouse manifest line {number} is malformed: {raw!r}")
+        entries.append((parts[0], canonical(parts[1]), parts[2], parts[3], len(parts) == 5))
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_wheelhouse(wheels: Path, manifest: Path, lock: Path) -> list[Path]:
+    """The wheels to install, in install order, after every check passed."""
+    entries = read_manifest(manifest.read_text(encoding="utf-8"))
+    allowed = lock_hashes(lock.read_text(encoding="utf-8"))
+    listed = {filename for _, _, _, filename, _ in entries}
+    present = {p.name for p in wheels.glob("*.whl")}
+    if present - listed:
+        raise InstallError(f"wheels not in the manifest: {', '.join(sorted(present - listed))}")
+    if listed - present:
+        raise InstallError(f"wheels missing: {', '.join(sorted(listed - present))}")
+    for sha256, name, version, filename, built in entries:
+        if not built and sha256 not in allowed.get((name, version), set()):
+            raise InstallError(f"{filename}: its hash is not one the lock allows for {name}")
+        if _sha256(wheels / filename) != sha256:
+            raise InstallError(f"{filename}: the file does not match its sha256 {sha256}")
+    return [wheels / filename for filename in sorted(listed)]
+
+
+def write_skeleton(venv_root: Path, python: str, base_python: str) -> None:
+    """pyvenv.cfg, bin/python links and an empty site-packages, like ``python -m venv``."""
+    site = venv_root / "lib" / f"python{python}" / "site-packages"
+    site.mkdir(parents=True, exist_ok=True)
+    (venv_root / "bin").mkdir(exist_ok=True)
+    home = str(Path(base_python).parent)
+    (venv_root / "pyvenv.cfg").write_text(
+        f"home = {home}\ninclude-system-site-packages = false\nversion = {python}\n"
+        f"executable = {base_python}\n"
+    )
+    for name, target in (
+        ("python", base_python),
+        ("python3", "python"),
+        (f"python{python}", "python"),
+    ):
+        link = venv_root / "bin" / name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(target)
+
+
+def install(
+    *,
+    wheels: Path,
+    manifest: Path,
+    lock: Path,
+    venv: str,
+    python: str,
+    base_python: str,
+    root: Path,
+) -> int:
+    """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build)."""
+    from installer import install as install_wheel  # noqa: PLC0415 - shipped beside this file
+    from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
+    from installer.sources import WheelFile  # noqa: PLC0415
+
+    files = check_wheelhouse(wheels, manifest, lock)
+    venv_root = root / venv.lstrip("/")
+    write_skeleton(venv_root, python, base_python)
+    site = venv_root / "lib" / f"python{python}" / "site-packages"
+    schemes = {
+        "purelib": str(site),
+        "platlib": str(site),
+        "headers": str(venv_root / "include" / "site" / f"python{python}"),
+        "scripts": str(venv_root / "bin"),
+        "data": str(venv_root),
+    }
+    destination = SchemeDictionaryDestination(
+        schemes,
+        interpreter=f"{venv}/bin/python",
+        script_kind="posix",
+        bytecode_optimization_levels=(),
+        # Two wheels may ship the same file (mlflow and mlflow-skinny both install
+        # bin/mlflow); as with pip, the one installed last (file name order) wins.
+        overwrite_existing=True,
+    )
+    for path in files:
+        with WheelFile.open(path) as source:
+            install_wheel(source, destination, additional_metadata={"INSTALLER": INSTALLER_NAME})
+    return len(files)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--wheels", type=Path, required=True)
+    parser.add_argument("--manifest", type=Path, required=True)
+    parser.add_argument("--lock", type=Path, required=True)
+    parser.add_argument("--venv", required=True, help="the venv's path in the image")
+    parser.add_argument("--python", required=True, help="X.Y")
+    parser.add_argument(
+        "--base-python",
+        default="auto",
+        help="the base image's interpreter (auto: pythonX.Y on PATH)",
+    )
+    parser.add_argument("--root", type=Path, default=Path("/"))
+    args = parser.parse_args(argv)
+    base_python = args.base_python
+    if base_python == "auto":
+        import shutil  # noqa: PLC0415
+
+        found = shutil.which(f"python{args.python}")
+        if found is None:
+            sys.stderr.write(f"wheelinstall: no python{args.python} on PATH\n")
+            return 1
+        base_python = found
+    try:
+        count = install(
+            wheels=args.wheels,
+            manifest=args.manifest,
+            lock=args.lock,
+            venv=args.venv,
+            python=args.python,
+            base_python=base_python,
+            root=args.root,
+        )
+    except InstallError as err:
+        sys.stderr.write(f"wheelinstall: {err}\n")
+        return 1
+    sys.stdout.write(f"wheelinstall: installed {count} wheels into {args.venv}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())
