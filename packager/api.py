@@ -6,6 +6,7 @@ pipeline can do with ``packager <command>`` it can do by importing this module.
 
 from __future__ import annotations
 
+import datetime as dt
 import importlib.util
 import logging
 import sys
@@ -20,13 +21,14 @@ from packager.env.resolve import LockResult, lock, make_resolver
 from packager.env.target import Target
 from packager.env.wheelhouse import Wheelhouse, build_wheelhouse
 from packager.errors import ImageBuildError, UnsupportedRequirementError, UsageError
-from packager.image import engine
+from packager.image import engine, oci
 from packager.image.base import validate_reference
+from packager.image.registry import PushedBlobs, push_image
 from packager.progress import Progress
 from packager.reference import parse_reference
 from packager.source import Provenance, RegistryOptions, fetch_model
 from packager.spec import LineKind, ModelSpec, read_spec
-from packager.stage import BuildPlan, plan_context, write_context
+from packager.stage import BuildPlan, plan_context, wheelhouse_manifest, write_context
 from packager.verify import TestReport, verify_image
 
 log = logging.getLogger(__name__)
@@ -404,3 +406,191 @@ def verify_built_image(
     ref = parse_reference(reference, cwd=cwd or Path.cwd())
     sourced = fetch_model(ref, options=options, cache=cache)
     return verify_image(image, model_dir=sourced.path, payloads=payloads)
+
+
+# -- the daemonless OCI backend -----------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class OciOutputs:
+    layout: Path | None = None  # write an OCI image layout here
+    archive: Path | None = None  # write a docker-archive (also an OCI layout) here
+    load: bool = False  # load into the local engine and tag
+    push: bool = False  # push to the tag's registry with the distribution API
+
+
+@dataclass(frozen=True, kw_only=True)
+class OciBuilt:
+    manifest_digest: str
+    image_id: str  # the config digest: what the engine calls the image's id
+    tag: str | None
+    epoch: int
+    layers: int
+    layers_written: int  # the rest came from the layer cache
+    size_bytes: int  # all layers, as stored
+    base_image: str
+    lock_digest: str
+    layout: str | None
+    archive: str | None
+    loaded: bool
+    pushed: PushedBlobs | None
+
+
+def epoch_for(provenance: Provenance, spec: ModelSpec) -> int:
+    """The image's timestamp, from the inputs: the version's creation, else MLmodel's."""
+    for text in (provenance.created_at, spec.utc_time_created):
+        if text:
+            try:
+                parsed = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if parsed.tzinfo is None:
+                parsed = parsed.replace(tzinfo=dt.timezone.utc)
+            return int(parsed.timestamp())
+    return 0
+
+
+def build_oci_image(
+    reference: str,
+    image: ImageOptions,
+    outputs: OciOutputs,
+    *,
+    tag: str | None = None,
+    options: RegistryOptions | None = None,
+    cache: ModelCache | None = None,
+    cache_root: Path | None = None,
+    progress: Progress | None = None,
+    cwd: Path | None = None,
+) -> OciBuilt:
+    """Write the model's image with no Docker engine (the engine is only a base source)."""
+    if tag is not None:
+        validate_reference(tag)
+    if (outputs.load or outputs.push) and tag is None:
+        raise UsageError("--load and --push need a tag", hint="pass -t IMAGE:TAG")
+    report = lock_model(
+        reference,
+        replace(image.lock, download=True),
+        options=options,
+        cache=cache,
+        cache_root=cache_root,
+        progress=progress,
+        cwd=cwd,
+    )
+    if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
+        raise UsageError("internal: no wheelhouse")
+    lock_ = report.result.lock
+    plan = plan_context(
+        report.spec,
+        report.provenance,
+        lock_,
+        report.wheelhouse,
+        base_image=image.base_image,
+        system_packages=image.system_packages,
+    )
+    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
+    base = oci.load_base(image.base_image, store, client_factory=engine.connect)
+    epoch = epoch_for(report.provenance, report.spec)
+    built = oci.assemble(
+        oci.Inputs(
+            plan=plan,
+            lock_text=lock_.render(),
+            manifest=wheelhouse_manifest(report.wheelhouse),
+            wheels=tuple(w.path for w in sorted(report.wheelhouse.files, key=lambda w: w.filename)),
+            python=lock_.target.python,
+            platform=lock_.target.platform,
+            epoch=epoch,
+        ),
+        base,
+        store,
+    )
+    if outputs.layout is not None:
+        oci.write_layout(built, outputs.layout, tag=tag)
+    if outputs.archive is not None:
+        oci.write_docker_archive(built, outputs.archive, tag=tag, epoch=epoch)
+    if outputs.load and tag is not None:
+        _load(built, tag, epoch)
+    pushed = None
+    if outputs.push and tag is not None:
+        pushed = push_image(
+            tag,
+            built.manifest,
+            built.manifest_digest,
+            oci.MANIFEST_MEDIA_TYPE,
+            [(built.config_digest, store.path(built.config_digest))]
+            + [(digest, store.path(digest)) for _, digest, _ in built.layers],
+        )
+    return OciBuilt(
+        manifest_digest=built.manifest_digest,
+        image_id=built.config_digest,
+        tag=tag,
+        epoch=epoch,
+        layers=len(built.layers),
+        layers_written=built.written,
+        size_bytes=sum(size for _, _, size in built.layers),
+        base_image=image.base_image,
+        lock_digest=lock_.digest,
+        layout=str(outputs.layout) if outputs.layout else None,
+        archive=str(outputs.archive) if outputs.archive else None,
+        loaded=outputs.load,
+        pushed=pushed,
+    )
+
+
+def _load(built: oci.OciImage, tag: str, epoch: int) -> None:
+    """Load into the engine untagged, check the id, then tag: no tag on a failed load."""
+    client = engine.connect()
+    with tempfile.TemporaryDirectory(prefix="packager-load-", dir=built.store.tmp) as tmp:
+        archive = Path(tmp) / "image.tar"
+        oci.write_docker_archive(built, archive, tag=None, epoch=epoch)
+        loaded = engine.load(client, archive)
+    if built.config_digest not in loaded:
+        raise ImageBuildError(
+            f"the engine loaded {', '.join(loaded) or 'nothing'}, not {built.config_digest}"
+        )
+    engine.tag(client, built.config_digest, tag)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReproducibilityReport:
+    reproducible: bool
+    digests: tuple[str, str]
+    first_difference: str | None  # "layer N (comment): /path differs" on a mismatch
+
+
+def check_reproducible(
+    reference: str,
+    image: ImageOptions,
+    *,
+    options: RegistryOptions | None = None,
+    progress: Progress | None = None,
+    cwd: Path | None = None,
+) -> ReproducibilityReport:
+    """Build twice, each from empty caches, and compare the manifest digests."""
+    results: list[OciBuilt] = []
+    stores: list[oci.BlobStore] = []
+    with tempfile.TemporaryDirectory(prefix="packager-repro-") as tmp:
+        for run_number in (1, 2):
+            root = Path(tmp) / f"cache-{run_number}"
+            log.info("reproducibility check: build %d of 2 from an empty cache", run_number)
+            results.append(
+                build_oci_image(
+                    reference,
+                    image,
+                    OciOutputs(),
+                    options=options,
+                    cache=ModelCache(root),
+                    cache_root=root,
+                    progress=progress,
+                    cwd=cwd,
+                )
+            )
+            stores.append(oci.BlobStore(root / "oci"))
+        digests = (results[0].manifest_digest, results[1].manifest_digest)
+        difference = (
+            None
+            if digests[0] == digests[1]
+            else oci.first_difference(stores[0], stores[1], digests[0], digests[1])
+        )
+    return ReproducibilityReport(
+        reproducible=digests[0] == digests[1], digests=digests, first_difference=difference
+    )

@@ -236,16 +236,39 @@ def _add_image_commands(
     build = commands.add_parser(
         "build",
         parents=[common, registry, image_parent],
-        help="build a serving image with the Docker engine",
-        description="Lock, generate and build the model's image with the Docker engine; "
-        "the tag is set only after a successful build.",
+        help="build a serving image (Docker engine, or daemonless and reproducible)",
+        description="Lock, generate and build the model's image. --backend docker (the "
+        "default) builds the rendered Dockerfile with the Docker engine; the tag is set only "
+        "after a successful build. --backend oci writes the image itself, byte for byte the "
+        "same for the same inputs, with no engine: as an OCI layout (-o), a docker-archive "
+        "(--archive), into the engine (--load) or to a registry (--push).",
         epilog="examples:\n  packager base build --python 3.11 -t packager-base:3.11\n"
-        "  packager build models:/wine@champion -t wine:3 --base-image packager-base:3.11\n",
+        "  packager build models:/wine@champion -t wine:3 --base-image packager-base:3.11\n"
+        "  packager build models:/wine/3 --backend oci -o build/wine-oci "
+        "--base-image packager-base:3.11\n"
+        "  packager build models:/wine/3 --backend oci -t registry.example.com/wine:3 --push\n"
+        "  packager build models:/wine/3 --backend oci --check-reproducible\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     build.add_argument("model", metavar="MODEL")
-    build.add_argument("-t", "--tag", required=True, help="IMAGE:TAG")
+    build.add_argument("-t", "--tag", help="IMAGE:TAG (required for docker, --load, --push)")
     build.add_argument("--push", action="store_true", help="push the image after building")
+    build.add_argument(
+        "--backend",
+        choices=("docker", "oci"),
+        default="docker",
+        help="docker: the engine builds the Dockerfile; oci: packager writes the image",
+    )
+    build.add_argument("-o", "--output", type=Path, help="oci: write an OCI image layout here")
+    build.add_argument(
+        "--archive", type=Path, metavar="FILE", help="oci: write a docker-archive tar here"
+    )
+    build.add_argument("--load", action="store_true", help="oci: load into the local engine")
+    build.add_argument(
+        "--check-reproducible",
+        action="store_true",
+        help="oci: build twice from empty caches and compare the digests",
+    )
     build.set_defaults(handler=_build)
 
     check = commands.add_parser(
@@ -418,6 +441,25 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.backend == "oci":
+        return _build_oci(args)
+    oci_only = [
+        flag
+        for flag, value in (
+            ("-o", args.output),
+            ("--archive", args.archive),
+            ("--load", args.load),
+            ("--check-reproducible", args.check_reproducible),
+        )
+        if value
+    ]
+    if oci_only:
+        raise UsageError(
+            f"{', '.join(oci_only)} only apply to --backend oci",
+            hint="add --backend oci (the Docker backend always builds into the engine)",
+        )
+    if not args.tag:
+        raise UsageError("the Docker backend needs a tag", hint="pass -t IMAGE:TAG")
     built = api.build_image(
         args.model,
         args.tag,
@@ -443,6 +485,48 @@ def _build(args: argparse.Namespace) -> int:
         sys.stdout.write(f"{built.tags[0]} {built.image_id} {built.size_bytes / 2**20:.0f} MiB\n")
         if pushed is not None:
             sys.stdout.write(f"pushed {pushed.pinned}\n")
+    return 0
+
+
+def _build_oci(args: argparse.Namespace) -> int:
+    source = _source(args)
+    if args.check_reproducible:
+        report = api.check_reproducible(
+            args.model,
+            _image_options(args),
+            options=source["options"],
+            progress=source["progress"],
+        )
+        if args.json:
+            _print_json(to_jsonable(report))
+        elif report.reproducible:
+            sys.stdout.write(f"reproducible: both builds gave {report.digests[0]}\n")
+        else:
+            sys.stdout.write(
+                f"NOT reproducible: {report.digests[0]} != {report.digests[1]}\n"
+                f"first difference: {report.first_difference}\n"
+            )
+        return 0 if report.reproducible else 19
+    outputs = api.OciOutputs(
+        layout=args.output, archive=args.archive, load=args.load, push=args.push
+    )
+    if not (outputs.layout or outputs.archive or outputs.load or outputs.push):
+        raise UsageError(
+            "--backend oci needs somewhere to put the image",
+            hint="pass -o DIR (OCI layout), --archive FILE, --load and/or --push",
+        )
+    built = api.build_oci_image(
+        args.model, _image_options(args), outputs, tag=args.tag, **source, cache_root=args.cache_dir
+    )
+    if args.json:
+        _print_json(to_jsonable(built))
+    else:
+        sys.stdout.write(
+            f"{built.tag or '-'} {built.manifest_digest} {built.size_bytes / 2**20:.0f} MiB "
+            f"({built.layers_written} of {built.layers} layers written)\n"
+        )
+        if built.pushed is not None:
+            sys.stdout.write(f"pushed {built.pushed.pinned}\n")
     return 0
 
 

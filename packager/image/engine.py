@@ -135,3 +135,15 @@ def tag(client: Any, image_id: str, reference: str) -> None:
     if not repository or "/" in name:
         repository, name = reference, "latest"
     client.images.get(image_id).tag(repository, name)
+
+
+def load(client: Any, archive: Path) -> list[str]:
+    """``docker load``: the ids of the images the archive held."""
+    from docker.errors import APIError  # noqa: PLC0415
+
+    try:
+        with archive.open("rb") as data:
+            images = client.images.load(data)
+    except APIError as err:
+        raise ImageBuildError(f"the engine refused to load the image: {err.explanation}") from err
+    return [str(image.id) for image in images]
