@@ -467,6 +467,11 @@ def build_oci_image(
         validate_reference(tag)
     if (outputs.load or outputs.push) and tag is None:
         raise UsageError("--load and --push need a tag", hint="pass -t IMAGE:TAG")
+    if image.system_packages:
+        raise UsageError(
+            "--system-package needs apt inside the image, which only the Docker backend runs",
+            hint="use --backend docker, or a base image that already has the packages",
+        )
     report = lock_model(
         reference,
         replace(image.lock, download=True),

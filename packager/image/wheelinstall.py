@@ -154,8 +154,13 @@ def install(
         overwrite_existing=True,
     )
     for path in files:
-        with WheelFile.open(path) as source:
-            install_wheel(source, destination, additional_metadata={"INSTALLER": INSTALLER_NAME})
+        try:
+            with WheelFile.open(path) as source:
+                install_wheel(
+                    source, destination, additional_metadata={"INSTALLER": INSTALLER_NAME}
+                )
+        except (ValueError, OSError, KeyError) as err:  # installer's checks of the wheel
+            raise InstallError(f"{path.name} cannot be installed: {err}") from err
     return len(files)
 
 
