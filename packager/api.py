@@ -26,7 +26,7 @@ from packager.image.base import validate_reference
 from packager.image.registry import PushedBlobs, push_image
 from packager.progress import Progress
 from packager.reference import parse_reference
-from packager.source import Provenance, RegistryOptions, fetch_model
+from packager.source import Provenance, RegistryOptions, SourcedModel, fetch_model
 from packager.spec import LineKind, ModelSpec, read_spec
 from packager.stage import BuildPlan, plan_context, wheelhouse_manifest, write_context
 from packager.verify import TestReport, verify_image
@@ -154,12 +154,17 @@ def lock_model(
     cache_root: Path | None = None,
     progress: Progress | None = None,
     cwd: Path | None = None,
+    sourced: SourcedModel | None = None,
 ) -> LockReport:
-    """Resolve the model's requirements (and the server's) into a hash-pinned lock."""
+    """Resolve the model's requirements (and the server's) into a hash-pinned lock.
+
+    ``sourced`` is the model when the caller has already fetched ``reference``.
+    """
     from packager_server import REQUIREMENTS  # noqa: PLC0415 - the server declares its needs
 
-    ref = parse_reference(reference, cwd=cwd or Path.cwd())
-    sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
+    if sourced is None:
+        ref = parse_reference(reference, cwd=cwd or Path.cwd())
+        sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
     spec = read_spec(sourced.path, sourced.files)
     if spec.conda is not None and spec.conda.needs_conda and not lock_options.ignore_conda:
         raise UnsupportedRequirementError(
@@ -264,6 +269,7 @@ class BuiltImage:
     size_bytes: int
     base_image: str
     base_image_id: str
+    base_image_digest: str
     context: GeneratedContext
 
 
@@ -277,6 +283,8 @@ def generate_context(
     cache_root: Path | None = None,
     progress: Progress | None = None,
     cwd: Path | None = None,
+    base_digest: str | None = None,
+    sourced: SourcedModel | None = None,
 ) -> GeneratedContext:
     """Lock, download and write a self-contained build context for ``reference``."""
     lock_options = replace(image.lock, download=True)
@@ -288,6 +296,7 @@ def generate_context(
         cache_root=cache_root,
         progress=progress,
         cwd=cwd,
+        sourced=sourced,
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
@@ -297,6 +306,7 @@ def generate_context(
         report.result.lock,
         report.wheelhouse,
         base_image=image.base_image,
+        base_digest=base_digest,
         system_packages=image.system_packages,
     )
     write_context(plan, directory)
@@ -318,9 +328,9 @@ def build_image(
     """Build ``reference`` into the image ``tag`` with the Docker engine."""
     validate_reference(tag)
     client = engine.connect()
-    base_id = _check_base(
-        client, image.base_image, reference, options=options, cache=cache, cwd=cwd
-    )
+    ref = parse_reference(reference, cwd=cwd or Path.cwd())
+    sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
+    base = _check_base(client, image.base_image, read_spec(sourced.path, sourced.files))
     with tempfile.TemporaryDirectory(prefix="packager-context-") as tmp:
         context = generate_context(
             reference,
@@ -331,6 +341,8 @@ def build_image(
             cache_root=cache_root,
             progress=progress,
             cwd=cwd,
+            base_digest=base.digest,
+            sourced=sourced,
         )
         image_id = _build_with_retry(client, context.directory, on_log)
     engine.tag(client, image_id, tag)
@@ -340,7 +352,8 @@ def build_image(
         tags=(tag,),
         size_bytes=int(built.attrs["Size"]),
         base_image=image.base_image,
-        base_image_id=base_id,
+        base_image_id=base.image_id,
+        base_image_digest=base.digest,
         context=context,
     )
 
@@ -370,19 +383,8 @@ def _build_with_retry(client: object, context: Path, on_log: Callable[[str], Non
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _check_base(
-    client: object,
-    base: str,
-    reference: str,
-    *,
-    options: RegistryOptions | None,
-    cache: ModelCache | None,
-    cwd: Path | None,
-) -> str:
-    """The base image's id; refuses a base whose Python differs from the model's."""
-    ref = parse_reference(reference, cwd=cwd or Path.cwd())
-    sourced = fetch_model(ref, options=options, cache=cache)
-    spec = read_spec(sourced.path, sourced.files)
+def _check_base(client: object, base: str, spec: ModelSpec) -> engine.BaseInfo:
+    """The base image's id and digest; refuses a base whose Python differs from the model's."""
     found = engine.base_python(client, base)
     if found.python is not None and found.python != spec.python_minor:
         raise UsageError(
@@ -390,7 +392,7 @@ def _check_base(
             hint=f"build one with `packager base build --python {spec.python_minor} -t TAG` "
             "or pass another --base-image",
         )
-    return found.image_id
+    return found
 
 
 def verify_built_image(
@@ -484,16 +486,17 @@ def build_oci_image(
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
     lock_ = report.result.lock
+    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
+    base = oci.load_base(image.base_image, store, client_factory=engine.connect)
     plan = plan_context(
         report.spec,
         report.provenance,
         lock_,
         report.wheelhouse,
         base_image=image.base_image,
+        base_digest=base.digest,
         system_packages=image.system_packages,
     )
-    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
-    base = oci.load_base(image.base_image, store, client_factory=engine.connect)
     epoch = epoch_for(report.provenance, report.spec)
     built = oci.assemble(
         oci.Inputs(

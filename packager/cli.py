@@ -22,7 +22,7 @@ from packager.env.inputs import IndexOptions
 from packager.errors import ALL_ERRORS, PackagerError, UsageError
 from packager.image.base import DEFAULT_MIRROR, build_base
 from packager.jsonable import to_jsonable
-from packager.progress import LogProgress, Progress, RichProgress
+from packager.progress import LogProgress, Progress, RichBuildSteps, RichProgress
 from packager.redact import SecretFilter, scrub
 from packager.reference import FORMS_HELP
 from packager.render import render
@@ -460,14 +460,19 @@ def _build(args: argparse.Namespace) -> int:
         )
     if not args.tag:
         raise UsageError("the Docker backend needs a tag", hint="pass -t IMAGE:TAG")
-    built = api.build_image(
-        args.model,
-        args.tag,
-        _image_options(args),
-        **_source(args),
-        cache_root=args.cache_dir,
-        on_log=None if args.json else lambda line: log.info("%s", line),
-    )
+    steps = RichBuildSteps() if sys.stderr.isatty() and not args.json else None
+    try:
+        built = api.build_image(
+            args.model,
+            args.tag,
+            _image_options(args),
+            **_source(args),
+            cache_root=args.cache_dir,
+            on_log=steps or (None if args.json else lambda line: log.info("%s", line)),
+        )
+    finally:
+        if steps is not None:
+            steps.close()
     pushed = publish.push(built.tags[0]) if args.push else None
     if args.json:
         _print_json(
@@ -478,6 +483,7 @@ def _build(args: argparse.Namespace) -> int:
                 "size_bytes": built.size_bytes,
                 "base_image": built.base_image,
                 "base_image_id": built.base_image_id,
+                "base_image_digest": built.base_image_digest,
                 "lock_digest": built.context.lock.result.lock.digest,
             }
         )

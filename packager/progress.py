@@ -1,4 +1,4 @@
-"""Progress reporting for long steps (downloads now; builds later).
+"""Progress reporting for long steps: downloads, and the Docker backend's build steps.
 
 The library reports through the :class:`Progress` protocol and never prints. The CLI picks
 :class:`RichProgress` when stderr is a terminal and :class:`LogProgress` otherwise (CI logs
@@ -8,6 +8,7 @@ want a few plain lines, not a redrawn bar).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Protocol
 
@@ -120,6 +121,46 @@ class RichProgress:
             self._bar.advance(self._task, nbytes)
 
     def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+        self._bar, self._task = None, None
+
+
+class RichBuildSteps:
+    """The engine's build log on a terminal: a bar over Docker's ``Step N/M`` lines.
+
+    Call it with each log line; the step lines drive the bar (and its description), every
+    other line (RUN output, layer ids) scrolls above it, dimmed. ``close`` stops the bar.
+    """
+
+    _STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)$")
+
+    def __init__(self, console: Console | None = None) -> None:
+        self._console = console or Console(stderr=True)
+        self._bar: _RichBar | None = None
+        self._task: TaskID | None = None
+
+    def __call__(self, line: str) -> None:
+        step = self._STEP.match(line)
+        if step is None:
+            self._console.print(line, style="dim", markup=False, highlight=False)
+            return
+        number, total, instruction = int(step.group(1)), int(step.group(2)), step.group(3)
+        if self._bar is None:
+            self._bar = _RichBar(
+                TextColumn("[bold]build[/] step {task.completed:.0f}/{task.total:.0f}"),
+                BarColumn(),
+                TextColumn("{task.description}"),
+                console=self._console,
+                transient=False,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task("", total=total)
+        if self._task is not None:
+            self._bar.update(self._task, completed=number, description=instruction[:70])
+        self._console.print(line, markup=False, highlight=False)
+
+    def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
         self._bar, self._task = None, None

@@ -80,8 +80,10 @@ def plan_context(
     wheelhouse: Wheelhouse,
     *,
     base_image: str,
+    base_digest: str | None = None,
     system_packages: tuple[str, ...] = (),
 ) -> BuildPlan:
+    """The context for ``spec``; ``base_digest`` pins the base in the image's labels."""
     files: list[ContextFile] = [
         ContextFile(destination="requirements.lock", content=lock.render().encode()),
         ContextFile(destination="wheelhouse.txt", content=wheelhouse_manifest(wheelhouse)),
@@ -106,7 +108,12 @@ def plan_context(
             )
         else:
             files.append(ContextFile(destination=f"model/{relative}", source=path))
-    labels = _labels(spec, provenance, lock)
+    if base_digest is None and "@sha256:" in base_image:
+        base_digest = base_image.rsplit("@", 1)[1]
+    base_labels = [("org.opencontainers.image.base.name", base_image)]
+    if base_digest:
+        base_labels.append(("org.opencontainers.image.base.digest", base_digest))
+    labels = (*_labels(spec, provenance, lock), *base_labels)
     environment = (
         ("PATH", f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
         ("PYTHONPATH", SERVER_DIR),

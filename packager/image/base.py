@@ -76,8 +76,14 @@ def build_base(
     epoch: int = DEFAULT_EPOCH,
     rebuild: bool = False,
     client: Any | None = None,
+    packages: tuple[str, ...] = PACKAGES,
+    hooks: tuple[str, ...] = (),
 ) -> BaseImage:
-    """Build (or reuse) ``reference`` as a Debian base with Python ``python``."""
+    """Build (or reuse) ``reference`` as a Debian base with Python ``python``.
+
+    ``packages`` and ``hooks`` (mmdebstrap customize hooks, ``$1`` is the root) let the
+    benchmarks build a stand-in for other bases; packager's own base uses the defaults.
+    """
     validate_reference(reference)
     suite = suite_for(python)
     minor = ".".join(python.split(".")[:2])
@@ -90,22 +96,23 @@ def build_base(
     mmdebstrap = find_tool("mmdebstrap", install_hint="apt-get install mmdebstrap")
     with tempfile.TemporaryDirectory(prefix="packager-base-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
-        hooks = [
+        customize = [
             (
                 f'chroot "$1" useradd --system --uid {USER_ID} --user-group --no-create-home '
                 "--shell /usr/sbin/nologin model"
             ),
             'rm -f "$1/etc/resolv.conf" "$1/etc/hostname"',
+            *hooks,
         ]
         argv = [
             mmdebstrap,
             "--variant=apt",
             "--mode=root",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             "--dpkgopt=path-exclude=/usr/share/doc/*",
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
-            *(f"--customize-hook={hook}" for hook in hooks),
+            *(f"--customize-hook={hook}" for hook in customize),
             suite,
             str(rootfs),
             mirror,

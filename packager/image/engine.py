@@ -94,6 +94,13 @@ def build(client: Any, context: Path) -> Iterator[str]:
 class BaseInfo:
     image_id: str
     python: str | None  # major.minor, when it can be told
+    digest: str = ""  # the registry digest it was pulled by, else its image id
+
+
+def image_digest(image: Any) -> str:
+    """What pins an engine's image: the manifest digest it came from, else its id."""
+    digests = image.attrs.get("RepoDigests") or []
+    return str(digests[0]).split("@", 1)[1] if digests else str(image.id)
 
 
 def base_python(client: Any, reference: str) -> BaseInfo:
@@ -111,11 +118,13 @@ def base_python(client: Any, reference: str) -> BaseInfo:
         ) from err
     config = image.attrs.get("Config") or {}
     labels = config.get("Labels") or {}
+    digest = image_digest(image)
     if labels.get("io.packager.base.python"):
-        return BaseInfo(str(image.id), str(labels["io.packager.base.python"]))
+        return BaseInfo(str(image.id), str(labels["io.packager.base.python"]), digest)
     for entry in config.get("Env") or []:
         if entry.startswith("PYTHON_VERSION="):  # the official python images
-            return BaseInfo(str(image.id), ".".join(entry.split("=", 1)[1].split(".")[:2]))
+            minor = ".".join(entry.split("=", 1)[1].split(".")[:2])
+            return BaseInfo(str(image.id), minor, digest)
     try:
         out = client.containers.run(
             image.id,
@@ -127,7 +136,7 @@ def base_python(client: Any, reference: str) -> BaseInfo:
             f"the base image {reference} has no python3 that runs",
             hint="use a base image with Python",
         ) from err
-    return BaseInfo(str(image.id), out.decode().strip())
+    return BaseInfo(str(image.id), out.decode().strip(), digest)
 
 
 def tag(client: Any, image_id: str, reference: str) -> None:

@@ -31,13 +31,13 @@ import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import packager
 from packager.errors import ImageBuildError, UsageError
-from packager.image import wheelinstall
+from packager.image import engine, wheelinstall
 from packager.image.layers import (
     LAYER_MEDIA_TYPE,
     Entry,
@@ -169,10 +169,7 @@ class Base:
     config: dict[str, Any]
     layers: tuple[BaseLayer, ...]
     files: frozenset[str]  # every path in the base's layers (for finding its Python)
-
-    @property
-    def config_digest(self) -> str:
-        return "sha256:" + hashlib.sha256(canonical_json(self.config)).hexdigest()
+    digest: str  # what pins it: registry digest, else image id / manifest digest
 
 
 def load_base(reference: str, store: BlobStore, *, client_factory: Callable[[], Any]) -> Base:
@@ -209,6 +206,7 @@ def _base_from_engine(reference: str, store: BlobStore, client: Any) -> Base:
                 config=record["config"],
                 layers=layers,
                 files=frozenset(record["files"]),
+                digest=engine.image_digest(image),
             )
     log.info("reading the base image %s from the engine (once per image id)", reference)
     saved.parent.mkdir(parents=True, exist_ok=True)
@@ -216,7 +214,10 @@ def _base_from_engine(reference: str, store: BlobStore, client: Any) -> Base:
         for chunk in image.save(named=False):
             archive.write(chunk)
         archive.flush()
-        base = _base_from_archive(reference, Path(archive.name), store)
+        base = replace(
+            _base_from_archive(reference, Path(archive.name), store),
+            digest=engine.image_digest(image),
+        )
     partial = saved.with_name(f".{saved.name}.{os.getpid()}")
     partial.write_text(
         json.dumps(
@@ -237,7 +238,8 @@ def _base_from_archive(reference: str, path: Path, store: BlobStore) -> Base:
             manifest = json.loads(_read_member(archive, "manifest.json"))[0]
         except (KeyError, ValueError, IndexError) as err:
             raise UsageError(f"{path} is not a docker-archive (no usable manifest.json)") from err
-        config = json.loads(_read_member(archive, manifest["Config"]))
+        config_bytes = _read_member(archive, manifest["Config"])
+        config = json.loads(config_bytes)
         diff_ids = config.get("rootfs", {}).get("diff_ids", [])
         if len(diff_ids) != len(manifest["Layers"]):
             raise UsageError(f"{path}: the config's diff_ids do not match its layers")
@@ -257,7 +259,13 @@ def _base_from_archive(reference: str, path: Path, store: BlobStore) -> Base:
             store.put_file(tmp, digest)
             tmp.unlink(missing_ok=True)
             layers.append(BaseLayer(media_type=media, digest=digest, size=size, diff_id=diff_id))
-    return Base(reference=reference, config=config, layers=tuple(layers), files=frozenset(files))
+    return Base(
+        reference=reference,
+        config=config,
+        layers=tuple(layers),
+        files=frozenset(files),
+        digest="sha256:" + hashlib.sha256(config_bytes).hexdigest(),
+    )
 
 
 def _base_from_layout(reference: str, store: BlobStore) -> Base:
@@ -297,7 +305,13 @@ def _base_from_layout(reference: str, store: BlobStore) -> Base:
                 diff_id=diff_id,
             )
         )
-    return Base(reference=reference, config=config, layers=tuple(layers), files=frozenset(files))
+    return Base(
+        reference=reference,
+        config=config,
+        layers=tuple(layers),
+        files=frozenset(files),
+        digest=str(wanted[0]["digest"]),
+    )
 
 
 def _read_member(archive: tarfile.TarFile, name: str) -> bytes:

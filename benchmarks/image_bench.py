@@ -1,0 +1,234 @@
+"""Benchmark images: packager's Docker and OCI backends against `mlflow models build-docker`.
+
+    .venv/bin/python benchmarks/image_bench.py [--skip-mlflow]
+
+All in one run on this machine, on the example model (wine-classifier, registered in a
+throwaway SQLite registry), each tool starting from empty caches of its own:
+
+* cold build: model reference in, image in the local engine out (packager's Docker
+  backend, packager's OCI backend with --load, MLflow's build-docker);
+* rebuild after a new model version with the same dependencies (a second run of the
+  example registers version 2), and a warm OCI rebuild with nothing changed (-o only);
+* how many layers each packager rebuild wrote;
+* image size as the engine reports it;
+* start: `docker run` until /ping answers 200.
+
+No registry can be reached here, so MLflow's `FROM python:3.11.X-slim` is satisfied by a
+stand-in built from Debian's packages (Python, pip, `python` on PATH, no PEP 668 marker),
+tagged locally under that name only if no such image exists. packager's images use
+packager's own Debian base (`packager base build`). Both bases are Debian bookworm.
+
+Nothing asserts: the figures depend on the machine and the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BIN = Path(sys.executable).parent
+MODEL = "wine-classifier"
+PACKAGER_BASE = "packager-base:3.11"
+
+
+def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, str]:
+    started = time.monotonic()
+    result = subprocess.run(
+        argv, capture_output=True, text=True, env=env, cwd=cwd, check=False, timeout=3600
+    )
+    elapsed = time.monotonic() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed:\n{result.stderr[-3000:]}")
+    return elapsed, result.stdout
+
+
+def packager(args: list[str], env: dict[str, str]) -> tuple[float, dict[str, Any]]:
+    elapsed, out = timed([str(BIN / "packager"), *args, "--json"], env)
+    return elapsed, json.loads(out)
+
+
+def image_size(reference: str) -> int:
+    out = subprocess.run(
+        ["docker", "image", "inspect", "--format", "{{.Size}}", reference],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.strip())
+
+
+def start_seconds(image: str, port_in_image: int = 8080) -> float:
+    """docker run until GET /ping answers 200 (the container is removed afterwards)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    started = time.monotonic()
+    container = subprocess.run(
+        ["docker", "run", "-d", "--rm", "-p", f"127.0.0.1:{port}:{port_in_image}", image],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    try:
+        deadline = started + 300
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as answer:
+                    if answer.status == 200:
+                        return time.monotonic() - started
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError(f"{image} never answered /ping")
+    finally:
+        subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
+
+
+def mlflow_stand_in_base(python_full: str) -> str:
+    """``python:X.Y.Z-slim`` for MLflow's Dockerfile, built from Debian when absent."""
+    from packager.image.base import PACKAGES, build_base
+
+    reference = f"python:{python_full}-slim"
+    build_base(
+        python_full,
+        reference,
+        packages=(*PACKAGES, "python3-pip", "python-is-python3"),
+        hooks=('rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',),
+    )
+    return reference
+
+
+def register(directory: Path) -> None:
+    subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "register_example.py"), "--dir", str(directory)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--skip-mlflow", action="store_true", help="packager's backends only")
+    args = parser.parse_args()
+    from packager.image.base import build_base
+
+    build_base("3.11", PACKAGER_BASE)
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="image-bench-") as tmp:
+        work = Path(tmp)
+        registry = work / "registry"
+        register(registry)
+        base_env = {
+            **os.environ,
+            "MLFLOW_TRACKING_URI": f"sqlite:///{registry / 'mlflow.db'}",
+        }
+        docker_env = {**base_env, "PACKAGER_CACHE_DIR": str(work / "cache-docker")}
+        oci_env = {**base_env, "PACKAGER_CACHE_DIR": str(work / "cache-oci")}
+        v1, v2 = f"models:/{MODEL}/1", f"models:/{MODEL}/2"
+        common = ["--base-image", PACKAGER_BASE]
+
+        figures["docker_cold"], _ = packager(
+            ["build", v1, "-t", "bench/packager-docker:1", *common], docker_env
+        )
+        figures["docker_size"] = image_size("bench/packager-docker:1")
+        figures["oci_cold"], oci_built = packager(
+            [
+                *("build", v1, "--backend", "oci", "-t", "bench/packager-oci:1", "--load"),
+                *(*common, "-o", str(work / "oci")),
+            ],
+            oci_env,
+        )
+        figures["oci_size"] = image_size("bench/packager-oci:1")
+        figures["oci_warm"], warm = packager(
+            ["build", v1, "--backend", "oci", "-o", str(work / "oci"), *common], oci_env
+        )
+        register(registry)  # version 2: same requirements, new run
+        figures["docker_new_version"], _ = packager(
+            ["build", v2, "-t", "bench/packager-docker:2", *common], docker_env
+        )
+        figures["oci_new_version"], oci_v2 = packager(
+            ["build", v2, "--backend", "oci", "-o", str(work / "oci"), *common], oci_env
+        )
+        figures["packager_start"] = start_seconds("bench/packager-docker:1")
+
+        if not args.skip_mlflow:
+            python_full = _model_python(docker_env, v1)
+            stand_in = mlflow_stand_in_base(python_full)
+            mlflow_env = {**base_env, "PIP_NO_CACHE_DIR": "1"}
+            figures["mlflow_cold"], _ = timed(
+                [str(BIN / "mlflow"), "models", "build-docker", "-m", v1, "-n", "bench/mlflow:1"],
+                mlflow_env,
+                cwd=work,
+            )
+            figures["mlflow_size"] = image_size("bench/mlflow:1")
+            figures["mlflow_new_version"], _ = timed(
+                [str(BIN / "mlflow"), "models", "build-docker", "-m", v2, "-n", "bench/mlflow:2"],
+                mlflow_env,
+                cwd=work,
+            )
+            figures["mlflow_start"] = start_seconds("bench/mlflow:1")
+            print(f"MLflow's base: {stand_in} (stand-in built from Debian's packages)")
+
+    report(figures, warm, oci_v2, oci_built["manifest_digest"], mlflow=not args.skip_mlflow)
+
+
+def report(
+    figures: dict[str, float],
+    warm: dict[str, Any],
+    new_version: dict[str, Any],
+    digest: str,
+    *,
+    mlflow: bool,
+) -> None:
+    mib = 2**20
+    f = figures
+    lines = [
+        (
+            f"packager docker backend: cold {f['docker_cold']:.1f} s, new version "
+            f"{f['docker_new_version']:.1f} s, {f['docker_size'] / mib:.0f} MiB"
+        ),
+        (
+            f"packager oci backend: cold {f['oci_cold']:.1f} s (with --load), warm "
+            f"{f['oci_warm']:.2f} s ({warm['layers_written']} layers written), new version "
+            f"{f['oci_new_version']:.2f} s ({new_version['layers_written']} of "
+            f"{new_version['layers']} layers written), {f['oci_size'] / mib:.0f} MiB"
+        ),
+        f"oci image digest: {digest}",
+        f"packager image, docker run to /ping: {f['packager_start']:.1f} s",
+    ]
+    if mlflow:
+        lines += [
+            (
+                f"mlflow build-docker: cold {f['mlflow_cold']:.1f} s, new version "
+                f"{f['mlflow_new_version']:.1f} s, {f['mlflow_size'] / mib:.0f} MiB, "
+                f"docker run to /ping {f['mlflow_start']:.1f} s"
+            ),
+            "ratios, mlflow / packager docker backend (higher is better for packager):",
+            f"  cold build   {f['mlflow_cold'] / f['docker_cold']:.1f}x",
+            (
+                f"  new version  {f['mlflow_new_version'] / f['docker_new_version']:.1f}x "
+                f"(oci backend: {f['mlflow_new_version'] / f['oci_new_version']:.1f}x)"
+            ),
+            f"  image size   {f['mlflow_size'] / f['docker_size']:.2f}x",
+            f"  start        {f['mlflow_start'] / f['packager_start']:.1f}x",
+        ]
+    print("\n".join(lines))
+
+
+def _model_python(env: dict[str, str], model: str) -> str:
+    _, out = timed([str(BIN / "packager"), "inspect", model, "--json"], env)
+    return str(json.loads(out)["spec"]["python_version"])
+
+
+if __name__ == "__main__":
+    main()
