@@ -496,6 +496,7 @@ def build_oci_image(
         base_image=image.base_image,
         base_digest=base.digest,
         system_packages=image.system_packages,
+        dockerfile=False,
     )
     epoch = epoch_for(report.provenance, report.spec)
     built = oci.assemble(

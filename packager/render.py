@@ -12,11 +12,12 @@ import importlib.resources
 import json
 import shlex
 from functools import lru_cache
-from typing import Any
-
-import jinja2
+from typing import TYPE_CHECKING, Any
 
 from packager.progress import human_size
+
+if TYPE_CHECKING:
+    import jinja2
 
 
 class TemplateValueError(ValueError):
@@ -41,6 +42,8 @@ def docker_value(value: object) -> str:
 
 
 def _loader(name: str) -> str:
+    import jinja2  # noqa: PLC0415 - imported when a template is rendered, not at start-up
+
     resource = importlib.resources.files("packager").joinpath("templates").joinpath(name)
     try:
         return resource.read_text(encoding="utf-8")
@@ -50,6 +53,8 @@ def _loader(name: str) -> str:
 
 @lru_cache(maxsize=1)
 def environment() -> jinja2.Environment:
+    import jinja2  # noqa: PLC0415 - imported when a template is rendered, not at start-up
+
     env = jinja2.Environment(
         loader=jinja2.FunctionLoader(_loader),
         undefined=jinja2.StrictUndefined,

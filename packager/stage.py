@@ -82,8 +82,12 @@ def plan_context(
     base_image: str,
     base_digest: str | None = None,
     system_packages: tuple[str, ...] = (),
+    dockerfile: bool = True,
 ) -> BuildPlan:
-    """The context for ``spec``; ``base_digest`` pins the base in the image's labels."""
+    """The context for ``spec``; ``base_digest`` pins the base in the image's labels.
+
+    ``dockerfile=False`` skips rendering the Dockerfile (the OCI backend has no use for it).
+    """
     files: list[ContextFile] = [
         ContextFile(destination="requirements.lock", content=lock.render().encode()),
         ContextFile(destination="wheelhouse.txt", content=wheelhouse_manifest(wheelhouse)),
@@ -134,8 +138,7 @@ def plan_context(
         system_packages=system_packages,
         dockerfile="",
     )
-    dockerfile = render_dockerfile(plan)
-    return replace(plan, dockerfile=dockerfile)
+    return replace(plan, dockerfile=render_dockerfile(plan)) if dockerfile else plan
 
 
 def render_dockerfile(plan: BuildPlan) -> str:

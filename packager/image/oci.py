@@ -181,7 +181,31 @@ def load_base(reference: str, store: BlobStore, *, client_factory: Callable[[], 
         if not path.is_file():
             raise UsageError(f"the base archive {path} does not exist")
         return _base_from_archive(reference, path, store)
+    quick = engine.inspect_image_quickly(reference)
+    if quick is not None:
+        known = _saved_base(reference, store, str(quick["Id"]), engine.digest_from_attrs(quick))
+        if known is not None:
+            return known
     return _base_from_engine(reference, store, client_factory())
+
+
+def _saved_base(reference: str, store: BlobStore, image_id: str, digest: str) -> Base | None:
+    """The base read from the engine before, if every layer blob is still in the store."""
+    saved = store.root / "bases" / f"{image_id.removeprefix('sha256:')}.json"
+    try:
+        record = json.loads(saved.read_text())
+    except (OSError, ValueError):
+        return None
+    layers = tuple(BaseLayer(**layer) for layer in record["layers"])
+    if not all(store.has(layer.digest) for layer in layers):
+        return None
+    return Base(
+        reference=reference,
+        config=record["config"],
+        layers=layers,
+        files=frozenset(record["files"]),
+        digest=digest,
+    )
 
 
 def _base_from_engine(reference: str, store: BlobStore, client: Any) -> Base:
@@ -196,18 +220,10 @@ def _base_from_engine(reference: str, store: BlobStore, client: Any) -> Base:
             "one with `packager base build --python X.Y -t TAG`",
         ) from err
     image_id = str(image.id)
+    known = _saved_base(reference, store, image_id, engine.image_digest(image))
+    if known is not None:
+        return known
     saved = store.root / "bases" / f"{image_id.removeprefix('sha256:')}.json"
-    if saved.is_file():
-        record = json.loads(saved.read_text())
-        layers = tuple(BaseLayer(**layer) for layer in record["layers"])
-        if all(store.has(layer.digest) for layer in layers):
-            return Base(
-                reference=reference,
-                config=record["config"],
-                layers=layers,
-                files=frozenset(record["files"]),
-                digest=engine.image_digest(image),
-            )
     log.info("reading the base image %s from the engine (once per image id)", reference)
     saved.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=store.tmp, suffix=".tar") as archive:
