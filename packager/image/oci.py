@@ -13,8 +13,12 @@ layers reused by digest, then deterministic layers (see :mod:`packager.image.lay
     /opt/model             MLmodel, env files, weights, examples
 
 and a config with the Docker backend's user, entrypoint, environment, labels, ports and
-health check, every time fixed to the epoch. Layers are cached by a key of what went
-into them, so a warm rebuild writes no layer and a new model version writes only its own.
+health check. Two fixed times, neither from the clock: the config's ``created`` and the
+history carry the epoch (the model version's creation time), and every file in every layer
+carries :data:`FILE_EPOCH`, the same for all models and versions. File times carry no
+information, and a fixed one lets an unchanged layer (the venv, a large artifact) be the
+same blob for every version. Layers are cached by a key of what went into them, so a warm
+rebuild writes no layer and a new model version writes only what changed.
 
 Bases come from the local engine (``docker save``, cached by image id), an OCI layout
 directory (``oci:DIR[:TAG]``) or a docker-archive file (``docker-archive:FILE``).
@@ -38,6 +42,7 @@ from typing import Any
 import packager
 from packager.errors import ImageBuildError, UsageError
 from packager.image import engine, wheelinstall
+from packager.image.base import DEFAULT_EPOCH
 from packager.image.layers import (
     LAYER_MEDIA_TYPE,
     Entry,
@@ -63,6 +68,9 @@ MANIFEST_MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 CONFIG_MEDIA_TYPE = "application/vnd.oci.image.config.v1+json"
 INDEX_MEDIA_TYPE = "application/vnd.oci.image.index.v1+json"
 LARGE_FILE = 32 * 2**20
+# The mtime of every file packager writes into a layer: the release of this layer recipe
+# (the same as the mmdebstrap base's SOURCE_DATE_EPOCH).
+FILE_EPOCH = DEFAULT_EPOCH
 # Bump when the layout of a layer changes, so cached layers are not reused across it.
 LAYER_FORMAT = "1"
 _DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
@@ -398,7 +406,7 @@ def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
             hint="use --backend docker, or a base image that already has the packages",
         )
     interpreter = base_python(base, inputs.python)
-    maker = _LayerMaker(store, inputs.epoch)
+    maker = _LayerMaker(store, FILE_EPOCH)
     layers = [_dependency_layer(inputs, interpreter, maker, store)]
     for kind, comment, entries in _plan_groups(inputs.plan):
         material = [[e.path, e.executable, _entry_digest(e)] for e in entries]
@@ -667,7 +675,9 @@ def _index(image: OciImage, tag: str | None) -> dict[str, Any]:
 
 
 def _all_blobs(image: OciImage) -> list[str]:
-    return [image.manifest_digest, image.config_digest, *(d for _, d, _ in image.layers)]
+    """Every blob once (two layers can be the same, e.g. a model without code or artifacts)."""
+    digests = [image.manifest_digest, image.config_digest, *(d for _, d, _ in image.layers)]
+    return list(dict.fromkeys(digests))
 
 
 def write_docker_archive(

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import signal
 import subprocess
+import sys
 import tarfile
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ from tests.conftest import MlflowServer
 from tests.unit.modeldirs import PYFUNC_SKLEARN, write_model
 
 pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
+
+PACKAGER = str(Path(sys.executable).with_name("packager"))
 
 
 def build(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
@@ -142,3 +148,117 @@ def test_base_with_another_python_is_refused_before_building(
     assert code == 2
     assert "has Python 3.11, the model needs 3.12" in out["error"]["message"]
     assert "packager base build --python 3.12" in out["error"]["hint"]
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_build_leaves_no_tag(
+    signal_number: int,
+    registry_env: MlflowServer,
+    base_image: str,
+    docker_client: Any,
+) -> None:
+    """Ctrl-C or a kill while the engine builds: no tag, no running build container."""
+    # A base no earlier build used, so the engine's cache can't finish the build at once.
+    nonce = uuid.uuid4().hex[:12]
+    fresh_base = f"packager-test/base-{nonce}:3.11"
+    docker_client.images.build(
+        fileobj=io.BytesIO(f"FROM {base_image}\nLABEL io.packager.test.nonce={nonce}\n".encode()),
+        tag=fresh_base,
+        rm=True,
+    )
+    tag = f"packager-test/interrupted-{nonce}:1"
+    process = subprocess.Popen(
+        [PACKAGER, "build", "models:/sk-cloudpickle/1", "-t", tag, "--base-image", fresh_base],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None
+        seen = []
+        for line in process.stderr:  # the engine's steps arrive as log lines
+            seen.append(line)
+            if "wheelinstall.py" in line and "Step" in line:
+                break
+        else:
+            pytest.fail("the build ended before installing:\n" + "".join(seen[-30:]))
+        time.sleep(2)  # inside the RUN step now
+        process.send_signal(signal_number)
+        code = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert code != 0
+    if signal_number == signal.SIGINT:
+        assert code == 130
+    assert (
+        subprocess.run(
+            ["docker", "image", "inspect", tag], capture_output=True, check=False
+        ).returncode
+        != 0
+    ), f"{tag} exists after an interrupted build"
+    # The engine stops the build when its client goes away; no build container keeps running.
+    deadline = time.monotonic() + 120
+    running: list[Any] = []
+    while time.monotonic() < deadline:
+        running = [
+            c
+            for c in docker_client.containers.list()
+            if c.attrs.get("Config", {}).get("Labels", {}).get("io.packager.test.nonce") == nonce
+        ]
+        if not running:
+            break
+        time.sleep(1)
+    assert running == []
+    docker_client.images.remove(fresh_base, force=True)
+
+
+# pyfunc-code and abs-wheel-path are built above; these are the other test models.
+@pytest.mark.parametrize(
+    "model",
+    [
+        "models:/sk-cloudpickle/1",
+        "models:/sk-skops/1",
+        "models:/params-model/1",
+        "models:/private-wheel/2",
+    ],
+)
+def test_every_model_builds_and_serves(
+    model: str,
+    registry_env: MlflowServer,
+    base_image: str,
+    capsys: pytest.CaptureFixture[str],
+    docker_client: Any,
+) -> None:
+    name = model.split("/")[1]
+    tag = f"packager-test/{name}:{model.rsplit('/', 1)[1]}"
+    code, out = build(capsys, model, "-t", tag, "--base-image", base_image)
+    assert code == 0, out
+    labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
+    assert labels["io.packager.model.name"] == name
+    assert labels["org.opencontainers.image.base.name"] == base_image
+    assert labels["org.opencontainers.image.base.digest"] == out["base_image_digest"]
+    assert main(["test", tag, "--model", model]) == 0
+    assert "passed" in capsys.readouterr().out
+
+
+def test_a_new_version_reuses_every_layer_but_the_models(
+    registry_env: MlflowServer,
+    base_image: str,
+    capsys: pytest.CaptureFixture[str],
+    docker_client: Any,
+) -> None:
+    """Versions 1 and 2 of sk-cloudpickle have the same requirements, different weights."""
+    layers = []
+    for version in ("1", "2"):
+        tag = f"packager-test/reuse:{version}"
+        code, out = build(
+            capsys, f"models:/sk-cloudpickle/{version}", "-t", tag, "--base-image", base_image
+        )
+        assert code == 0, out
+        layers.append(docker_client.images.get(tag).attrs["RootFS"]["Layers"])
+    first, second = layers
+    assert len(first) == len(second)
+    assert first[:-1] == second[:-1]  # base, venv, server, code, artifacts: shared
+    assert first[-1] != second[-1]  # MLmodel and the weights

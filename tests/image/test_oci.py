@@ -1,0 +1,273 @@
+"""The daemonless OCI backend on real models, a real engine and a real registry.
+
+For every test model: two builds in different directories, each with an empty packager
+cache, a different umask, time zone and host name, must give the same manifest digest;
+the image loaded into the engine passes ``packager test``; pushed to a local registry and
+pulled back by digest, it is the same image. One model's image is compared file by file
+with the Docker backend's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import MlflowServer
+
+pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
+
+PACKAGER = str(Path(sys.executable).with_name("packager"))
+BUILD_TIMEOUT = 1800
+
+# Which model version, and what it needs besides the reference.
+MODELS = {
+    "sk-cloudpickle": "models:/sk-cloudpickle/1",
+    "sk-skops": "models:/sk-skops/1",
+    "pyfunc-code": "models:/pyfunc-code/1",
+    "params-model": "models:/params-model/1",
+    "private-wheel": "models:/private-wheel/2",
+    "abs-wheel-path": "models:/abs-wheel-path/1",
+}
+
+# Compared between images: everything a running container sees, minus what the engine
+# mounts into it.
+WALK = """
+import hashlib, json, os, stat, sys
+skip = {"/proc", "/sys", "/dev", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf",
+        "/.dockerenv"}
+out = []
+for folder, dirs, files in os.walk("/"):
+    dirs[:] = sorted(d for d in dirs if os.path.join(folder, d) not in skip)
+    for name in sorted(dirs) + sorted(files):
+        path = os.path.join(folder, name)
+        if path in skip:
+            continue
+        info = os.lstat(path)
+        detail = ""
+        if stat.S_ISLNK(info.st_mode):
+            detail = os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            with open(path, "rb") as f:
+                detail = hashlib.sha256(f.read()).hexdigest()
+        out.append([path, info.st_mode, info.st_uid, info.st_gid, detail])
+json.dump(out, sys.stdout)
+"""
+
+
+def _build_command(
+    workdir: Path,
+    model: str,
+    base: str,
+    extra: list[str],
+    *,
+    umask: str,
+    tz: str,
+    hostname: str,
+) -> subprocess.Popen[str]:
+    """``packager build --backend oci`` in its own directory, umask, TZ and UTS namespace."""
+    if shutil.which("unshare") is None:
+        pytest.fail("unshare (util-linux) is needed to vary the host name", pytrace=False)
+    workdir.mkdir(parents=True)
+    argv = [PACKAGER, "build", model, "--backend", "oci", "-o", "image", "--json"]
+    argv += ["--base-image", base, *extra]
+    script = f'hostname {hostname} && umask {umask} && exec "$@"'
+    return subprocess.Popen(
+        ["unshare", "--uts", "sh", "-c", script, "build", *argv],
+        cwd=workdir,
+        env={**os.environ, "TZ": tz, "PACKAGER_CACHE_DIR": str(workdir / "cache")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> dict[str, Any]:
+    out, err = process.communicate(timeout=BUILD_TIMEOUT)
+    if process.returncode != 0:
+        pytest.fail(f"the OCI build failed:\n{out}\n{err[-4000:]}", pytrace=False)
+    assert "Traceback" not in err
+    result: dict[str, Any] = json.loads(out)
+    return result
+
+
+def _extra_args(name: str, private_wheels: dict[str, Path]) -> list[str]:
+    if name == "abs-wheel-path":
+        return ["--wheel-dir", str(private_wheels["acme-featurizer"].parent), "--mlflow-skinny"]
+    return []
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_reproducible_loaded_tested_pushed_and_pulled(  # noqa: PLR0917 - pytest fixtures
+    name: str,
+    registry_env: MlflowServer,
+    base_image: str,
+    local_registry: str,
+    private_index: Any,
+    private_wheels: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    docker_client: Any,
+) -> None:
+    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", private_index.url_with_credentials)
+    model = MODELS[name]
+    extra = _extra_args(name, private_wheels)
+    pushed_tag = f"{local_registry}/oci/{name}:1"
+    # Two builds at once (the machine has two cores), as different as a machine can make them.
+    first = _build_command(
+        tmp_path / "a",
+        model,
+        base_image,
+        [*extra, "-t", pushed_tag, "--load", "--push"],
+        umask="022",
+        tz="UTC",
+        hostname="build-a",
+    )
+    second = _build_command(
+        tmp_path / "elsewhere" / "b",
+        model,
+        base_image,
+        extra,
+        umask="077",
+        tz="Pacific/Chatham",
+        hostname="build-b",
+    )
+    a, b = _finish(first), _finish(second)
+    assert a["manifest_digest"] == b["manifest_digest"], (a, b)
+    # From empty caches: at least the venv, the server and the model (a model without code
+    # or artifacts has two identical near-empty layers, written once).
+    assert a["layers_written"] >= 3
+    layout_a = (tmp_path / "a" / "image" / "index.json").read_bytes()
+    layout_b = (tmp_path / "elsewhere" / "b" / "image" / "index.json").read_bytes()
+    assert json.loads(layout_a)["manifests"][0]["digest"] == a["manifest_digest"]
+    assert json.loads(layout_b)["manifests"][0]["digest"] == a["manifest_digest"]
+
+    # Loaded into the engine: the image id is the config digest, and it serves the model.
+    loaded = docker_client.images.get(pushed_tag)
+    assert loaded.id == a["image_id"]
+    check = subprocess.run(
+        [PACKAGER, "test", pushed_tag, "--model", model],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr[-3000:]
+    assert "passed" in check.stdout
+
+    # Pushed with the distribution API; pulled back by digest, it is the same image.
+    assert a["pushed"]["digest"] == a["manifest_digest"]
+    assert a["pushed"]["uploaded"] >= 1
+    docker_client.images.remove(loaded.id, force=True)
+    pinned = f"{local_registry}/oci/{name}@{a['manifest_digest']}"
+    subprocess.run(["docker", "pull", pinned], check=True, capture_output=True, timeout=600)
+    pulled = docker_client.images.get(pinned)
+    assert pulled.id == a["image_id"]
+    assert any(d.endswith(a["manifest_digest"]) for d in pulled.attrs["RepoDigests"])
+    docker_client.images.remove(pulled.id, force=True)
+
+
+def test_same_files_and_config_as_the_docker_backend(
+    registry_env: MlflowServer,
+    base_image: str,
+    pyfunc_code_image: str,
+    docker_client: Any,
+    tmp_path: Path,
+) -> None:
+    tag = "packager-test/oci-pyfunc-code:1"
+    built = subprocess.run(
+        [
+            *(PACKAGER, "build", "models:/pyfunc-code/1", "--backend", "oci"),
+            *("-t", tag, "--load", "--base-image", base_image, "--json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
+    trees = [_tree(image) for image in (pyfunc_code_image, tag)]
+    docker_files, oci_files = trees
+    assert len(docker_files) > 1000  # the whole root file system, not an empty listing
+    missing = sorted(set(docker_files) - set(oci_files))
+    extra = sorted(set(oci_files) - set(docker_files))
+    changed = sorted(
+        p for p in set(docker_files) & set(oci_files) if docker_files[p] != oci_files[p]
+    )
+    assert (missing, extra, changed[:20]) == ([], [], [])
+    configs = [
+        docker_client.images.get(image).attrs["Config"] for image in (pyfunc_code_image, tag)
+    ]
+    for key in ("User", "Entrypoint", "Env", "Labels", "ExposedPorts", "Healthcheck", "WorkingDir"):
+        assert configs[0].get(key) == configs[1].get(key), key
+    docker_client.images.remove(tag, force=True)
+
+
+def _tree(image: str) -> dict[str, list[Any]]:
+    out = subprocess.run(
+        ["docker", "run", "--rm", "--user", "0", "--entrypoint", "python", image, "-c", WALK],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    return {row[0]: row[1:] for row in json.loads(out)}
+
+
+def test_check_reproducible_and_warm_rebuild(
+    registry_env: MlflowServer,
+    base_image: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from packager.cli import main
+
+    model = "models:/sk-cloudpickle/2"
+    assert main(["build", model, "--backend", "oci", "--base-image", base_image,
+                 "--check-reproducible", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["reproducible"] is True
+    assert report["digests"][0] == report["digests"][1]
+    assert report["first_difference"] is None
+
+    # Warm rebuild with nothing changed: every layer from the cache, same digest.
+    out = tmp_path / "image"
+    results = []
+    for _ in range(2):
+        assert main(["build", model, "--backend", "oci", "--base-image", base_image,
+                     "-o", str(out), "--json"]) == 0  # fmt: skip
+        results.append(json.loads(capsys.readouterr().out))
+    assert results[1]["layers_written"] == 0
+    assert results[1]["manifest_digest"] == results[0]["manifest_digest"] == report["digests"][0]
+
+    # A new version with the same lock rewrites only the model's own layers.
+    assert main(["build", "models:/sk-cloudpickle/1", "--backend", "oci", "--base-image",
+                 base_image, "-o", str(out), "--json"]) == 0  # fmt: skip
+    other = json.loads(capsys.readouterr().out)
+    assert other["lock_digest"] == results[0]["lock_digest"]
+    assert other["manifest_digest"] != results[0]["manifest_digest"]
+    assert other["layers_written"] == 1  # the model layer; venv, server, code, artifacts reused
+
+
+def test_oci_refuses_what_it_cannot_do(
+    registry_env: MlflowServer, base_image: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from packager.cli import main
+
+    args = ["build", "models:/sk-cloudpickle/1", "--backend", "oci", "--base-image", base_image]
+    assert main([*args, "--json"]) == 2  # nowhere to put the image
+    assert "-o DIR" in json.loads(capsys.readouterr().out)["error"]["hint"]
+    assert main([*args, "--load", "--json"]) == 2  # --load needs a tag
+    assert "-t IMAGE:TAG" in json.loads(capsys.readouterr().out)["error"]["hint"]
+    code = main([*args, "-o", "x", "--system-package", "libgomp1", "--json"])
+    assert code == 2
+    assert "only the Docker backend" in json.loads(capsys.readouterr().out)["error"]["message"]
+    code = main(["build", "models:/sk-cloudpickle/1", "-t", "x:1", "--load", "--json"])
+    assert code == 2
+    assert "--backend oci" in json.loads(capsys.readouterr().out)["error"]["hint"]
