@@ -13,10 +13,11 @@ throwaway SQLite registry), each tool starting from empty caches of its own:
 * image size as the engine reports it;
 * start: `docker run` until /ping answers 200.
 
-No registry can be reached here, so MLflow's `FROM python:3.11.X-slim` is satisfied by a
-stand-in built from Debian's packages (Python, pip, `python` on PATH, no PEP 668 marker),
-tagged locally under that name only if no such image exists. packager's images use
-packager's own Debian base (`packager base build`). Both bases are Debian bookworm.
+Both tools build on the same base image. No registry can be reached here, so it is built
+from Debian's packages with packager's recipe plus what MLflow's Dockerfile needs (pip,
+`python` on PATH, no PEP 668 marker) and tagged as the `python:X.Y.Z-slim` that MLflow's
+Dockerfile names (only if no image has that name already). MLflow builds with
+`--env-manager local`, as its docs recommend for images.
 
 Nothing asserts: the figures depend on the machine and the network.
 """
@@ -39,7 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 BIN = Path(sys.executable).parent
 MODEL = "wine-classifier"
-PACKAGER_BASE = "packager-base:3.11"
+BENCH_BASE = "packager-bench-base:3.11"
+
+
+MLFLOW_BUILD = [str(BIN / "mlflow"), "models", "build-docker", "--env-manager", "local"]
 
 
 def timed(argv: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, str]:
@@ -94,18 +98,38 @@ def start_seconds(image: str, port_in_image: int = 8080) -> float:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
 
 
-def mlflow_stand_in_base(python_full: str) -> str:
-    """``python:X.Y.Z-slim`` for MLflow's Dockerfile, built from Debian when absent."""
+def shared_base(python_full: str) -> str:
+    """The one base both tools build on, also tagged ``python:X.Y.Z-slim`` for MLflow."""
+    from packager.image import engine
     from packager.image.base import PACKAGES, build_base
 
-    reference = f"python:{python_full}-slim"
     build_base(
         python_full,
-        reference,
+        BENCH_BASE,
         packages=(*PACKAGES, "python3-pip", "python-is-python3"),
         hooks=('rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',),
     )
-    return reference
+    alias = f"python:{python_full}-slim"
+    client = engine.connect()
+    if not engine.image_exists(client, alias):
+        engine.tag(client, str(client.images.get(BENCH_BASE).id), alias)
+    elif client.images.get(alias).id != client.images.get(BENCH_BASE).id:
+        print(f"note: {alias} already exists and is not the bench base; MLflow will use it")
+    return alias
+
+
+def forget_earlier_runs() -> None:
+    """Remove this benchmark's images from earlier runs, so no build starts from their
+    cached layers (the shared base stays)."""
+    names = subprocess.run(
+        ["docker", "images", "--format", "{{.Repository}}:{{.Tag}}", "bench/*"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if names:
+        subprocess.run(["docker", "rmi", "-f", *names], capture_output=True, check=False)
+    subprocess.run(["docker", "image", "prune", "-f"], capture_output=True, check=False)
 
 
 def register(directory: Path) -> None:
@@ -120,9 +144,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--skip-mlflow", action="store_true", help="packager's backends only")
     args = parser.parse_args()
-    from packager.image.base import build_base
-
-    build_base("3.11", PACKAGER_BASE)
     figures: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="image-bench-") as tmp:
         work = Path(tmp)
@@ -132,10 +153,15 @@ def main() -> None:
             **os.environ,
             "MLFLOW_TRACKING_URI": f"sqlite:///{registry / 'mlflow.db'}",
         }
-        docker_env = {**base_env, "PACKAGER_CACHE_DIR": str(work / "cache-docker")}
-        oci_env = {**base_env, "PACKAGER_CACHE_DIR": str(work / "cache-oci")}
+        # Cold means cold: no packager cache, no pip or uv download cache.
+        cold = {"PIP_NO_CACHE_DIR": "1", "UV_NO_CACHE": "1"}
+        docker_env = {**base_env, **cold, "PACKAGER_CACHE_DIR": str(work / "cache-docker")}
+        oci_env = {**base_env, **cold, "PACKAGER_CACHE_DIR": str(work / "cache-oci")}
         v1, v2 = f"models:/{MODEL}/1", f"models:/{MODEL}/2"
-        common = ["--base-image", PACKAGER_BASE]
+        inspect_env = {**base_env, "PACKAGER_CACHE_DIR": str(work / "cache-inspect")}
+        alias = shared_base(_model_python(inspect_env, v1))
+        forget_earlier_runs()
+        common = ["--base-image", BENCH_BASE]
 
         figures["docker_cold"], _ = packager(
             ["build", v1, "-t", "bench/packager-docker:1", *common], docker_env
@@ -162,22 +188,20 @@ def main() -> None:
         figures["packager_start"] = start_seconds("bench/packager-docker:1")
 
         if not args.skip_mlflow:
-            python_full = _model_python(docker_env, v1)
-            stand_in = mlflow_stand_in_base(python_full)
             mlflow_env = {**base_env, "PIP_NO_CACHE_DIR": "1"}
             figures["mlflow_cold"], _ = timed(
-                [str(BIN / "mlflow"), "models", "build-docker", "-m", v1, "-n", "bench/mlflow:1"],
+                [*MLFLOW_BUILD, "-m", v1, "-n", "bench/mlflow:1"],
                 mlflow_env,
                 cwd=work,
             )
             figures["mlflow_size"] = image_size("bench/mlflow:1")
             figures["mlflow_new_version"], _ = timed(
-                [str(BIN / "mlflow"), "models", "build-docker", "-m", v2, "-n", "bench/mlflow:2"],
+                [*MLFLOW_BUILD, "-m", v2, "-n", "bench/mlflow:2"],
                 mlflow_env,
                 cwd=work,
             )
             figures["mlflow_start"] = start_seconds("bench/mlflow:1")
-            print(f"MLflow's base: {stand_in} (stand-in built from Debian's packages)")
+            print(f"base image for both: {BENCH_BASE}, also tagged {alias} for MLflow")
 
     report(figures, warm, oci_v2, oci_built["manifest_digest"], mlflow=not args.skip_mlflow)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
@@ -51,6 +52,15 @@ class TestReport:
         )
 
 
+def _expected_env() -> dict[str, str]:
+    """A clean environment for loading the model; PYTHONPATH passes through, since it is
+    how packages that exist on no index (a private wheel) are made importable here."""
+    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
+    if os.environ.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
+    return env
+
+
 def expected_answer(model_dir: Path, payload: Path, content_type: str) -> tuple[int, Any]:
     """MLflow's answer for ``payload``, computed in this Python environment."""
     result = subprocess.run(
@@ -66,7 +76,7 @@ def expected_answer(model_dir: Path, payload: Path, content_type: str) -> tuple[
         text=True,
         check=False,
         timeout=600,
-        env={"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"},
+        env=_expected_env(),
     )
     if result.returncode != 0:
         raise ImageTestError(

@@ -151,12 +151,18 @@ def test_reproducible_loaded_tested_pushed_and_pulled(  # noqa: PLR0917 - pytest
     # Loaded into the engine: the image id is the config digest, and it serves the model.
     loaded = docker_client.images.get(pushed_tag)
     assert loaded.id == a["image_id"]
+    # `packager test` computes the expected answers here, so the model's private package
+    # must be importable here too (the image has it from the wheelhouse).
+    local = (
+        {"PYTHONPATH": str(private_wheels["acme-featurizer"])} if name == "private-wheel" else {}
+    )
     check = subprocess.run(
         [PACKAGER, "test", pushed_tag, "--model", model],
         capture_output=True,
         text=True,
         timeout=600,
         check=False,
+        env={**os.environ, **local},
     )
     assert check.returncode == 0, check.stdout + check.stderr[-3000:]
     assert "passed" in check.stdout
