@@ -107,7 +107,16 @@ def shared_base(python_full: str) -> str:
         python_full,
         BENCH_BASE,
         packages=(*PACKAGES, "python3-pip", "python-is-python3"),
-        hooks=('rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',),
+        hooks=(
+            'rm -f "$1"/usr/lib/python3*/EXTERNALLY-MANAGED',
+            # MLflow's build fetches from PyPI inside the container; where the machine's
+            # egress re-signs TLS with a local CA (as this one does), the base must trust it.
+            (
+                "for ca in /usr/local/share/ca-certificates/*.crt; do "
+                '[ -e "$ca" ] && cp "$ca" "$1/usr/local/share/ca-certificates/"; done; '
+                'chroot "$1" update-ca-certificates >/dev/null'
+            ),
+        ),
     )
     alias = f"python:{python_full}-slim"
     client = engine.connect()
