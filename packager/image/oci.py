@@ -384,10 +384,8 @@ class Inputs:
 class OciImage:
     manifest: bytes
     manifest_digest: str
-    config: bytes
     config_digest: str
-    layers: tuple[tuple[str, str, int], ...]  # (media type, digest, size)
-    new_layers: tuple[Layer, ...]  # packager's own, in order
+    layers: tuple[tuple[str, str, int], ...]  # (media type, digest, size), base first
     written: int  # how many layers were written (not reused from the cache)
     store: BlobStore
 
@@ -434,10 +432,8 @@ def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
     return OciImage(
         manifest=manifest_bytes,
         manifest_digest=manifest_digest,
-        config=config_bytes,
         config_digest=config_digest,
         layers=tuple(descriptors),
-        new_layers=tuple(layers),
         written=maker.written,
         store=store,
     )

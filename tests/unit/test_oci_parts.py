@@ -187,10 +187,8 @@ def test_docker_archive_is_deterministic(tmp_path: Path) -> None:
     image = oci.OciImage(
         manifest=b"{}",
         manifest_digest=store.put_bytes(b"{}"),
-        config=config,
         config_digest=store.put_bytes(config),
         layers=((LAYER_MEDIA_TYPE, layer_digest, store.path(layer_digest).stat().st_size),),
-        new_layers=(),
         written=0,
         store=store,
     )
