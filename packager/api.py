@@ -487,7 +487,9 @@ def build_oci_image(
         raise UsageError("internal: no wheelhouse")
     lock_ = report.result.lock
     store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
-    base = oci.load_base(image.base_image, store, client_factory=engine.connect)
+    base = oci.load_base(
+        image.base_image, store, client_factory=engine.connect, platform=lock_.target.platform
+    )
     plan = plan_context(
         report.spec,
         report.provenance,

@@ -180,10 +180,31 @@ class Base:
     digest: str  # what pins it: registry digest, else image id / manifest digest
 
 
-def load_base(reference: str, store: BlobStore, *, client_factory: Callable[[], Any]) -> Base:
-    """The base image's config and layers, with every layer blob in ``store``."""
+def load_base(
+    reference: str,
+    store: BlobStore,
+    *,
+    client_factory: Callable[[], Any],
+    platform: str = "linux/amd64",
+) -> Base:
+    """The base image's config and layers, with every layer blob in ``store``.
+
+    ``reference`` is an image in the local engine, ``oci:DIR[:TAG]``,
+    ``docker-archive:FILE``, or ``docker://REGISTRY/NAME[:TAG|@DIGEST]`` (pulled with the
+    distribution API; ``platform`` picks the image from a multi-platform index).
+    """
     if reference.startswith("oci:"):
         return _base_from_layout(reference, store)
+    if reference.startswith("docker://"):
+        from packager.errors import PushError  # noqa: PLC0415
+
+        try:
+            return _base_from_registry(reference, store, platform)
+        except PushError as err:  # the registry client speaks of pushes; this is a pull
+            raise ImageBuildError(
+                f"pulling the base {reference} failed: {err.message}",
+                hint="check the address (docker://REGISTRY/NAME:TAG) and the credentials",
+            ) from err
     if reference.startswith("docker-archive:"):
         path = Path(reference.removeprefix("docker-archive:"))
         if not path.is_file():
@@ -335,6 +356,65 @@ def _base_from_layout(reference: str, store: BlobStore) -> Base:
         layers=tuple(layers),
         files=frozenset(files),
         digest=str(wanted[0]["digest"]),
+    )
+
+
+def _base_from_registry(reference: str, store: BlobStore, platform: str) -> Base:
+    from packager.image import registry  # noqa: PLC0415
+
+    name = reference.removeprefix("docker://")
+    pinned = ""
+    if "@" in name:
+        name, _, pinned = name.partition("@")
+    target = registry.parse_target(name)
+    client = registry.Client(target)
+    body, media = client.get_manifest(pinned or target.tag)
+    manifest_digest = "sha256:" + hashlib.sha256(body).hexdigest()
+    if pinned and manifest_digest != pinned:
+        raise UsageError(f"the registry's manifest for {reference} is {manifest_digest}")
+    manifest = json.loads(body)
+    if media.endswith(("index.v1+json", "list.v2+json")) or "manifests" in manifest:
+        os_name, _, arch = platform.partition("/")
+        chosen = next(
+            (
+                m
+                for m in manifest.get("manifests", [])
+                if m.get("platform", {}).get("os") == os_name
+                and m.get("platform", {}).get("architecture") == arch
+            ),
+            None,
+        )
+        if chosen is None:
+            raise UsageError(f"{reference} has no image for {platform}")
+        body, media = client.get_manifest(chosen["digest"])
+        manifest_digest = chosen["digest"]
+        manifest = json.loads(body)
+    config_path = store.tmp / f"config.{os.getpid()}"
+    client.fetch_blob(manifest["config"]["digest"], config_path)
+    config = json.loads(config_path.read_bytes())
+    config_path.unlink()
+    layers, files = [], set()
+    for descriptor, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        digest = descriptor["digest"]
+        if not store.has(digest):
+            tmp = store.tmp / f"pull.{os.getpid()}"
+            client.fetch_blob(digest, tmp)
+            store.put_file(tmp, digest)
+        files |= _layer_paths(store.path(digest))
+        layers.append(
+            BaseLayer(
+                media_type=descriptor["mediaType"],
+                digest=digest,
+                size=int(descriptor["size"]),
+                diff_id=diff_id,
+            )
+        )
+    return Base(
+        reference=reference,
+        config=config,
+        layers=tuple(layers),
+        files=frozenset(files),
+        digest=manifest_digest,
     )
 
 

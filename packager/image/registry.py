@@ -1,6 +1,6 @@
-"""A small client for the OCI distribution API: push an image's blobs and manifest.
+"""A small client for the OCI distribution API: push an image, pull a base image's blobs.
 
-Used by the OCI backend, which has no engine to push with. Only blobs the registry does
+Used by the OCI backend, which has no engine to push or pull with. Only blobs the registry does
 not have are uploaded (``HEAD`` first, then a monolithic upload), and the manifest goes
 last, so a registry never holds a tag whose blobs are missing; the digest the registry
 answers with must be the one computed locally.
@@ -15,6 +15,7 @@ answered. No credential is logged or put in an error message.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import os
@@ -32,6 +33,12 @@ from packager.redact import scrub
 log = logging.getLogger(__name__)
 
 _LOOPBACK = ("localhost", "127.0.0.1", "[::1]")
+_MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 _TIMEOUT = 300
 
 
@@ -173,6 +180,46 @@ class Client:
             ) from err
         self.authorization = "Bearer " + str(answer.get("token") or answer.get("access_token"))
         return True
+
+    def get_manifest(self, reference: str) -> tuple[bytes, str]:
+        """The manifest (or index) bytes for a tag or digest, and its media type."""
+        status, headers, body = self._request(
+            "GET",
+            f"/v2/{self.target.repository}/manifests/{reference}",
+            headers={"Accept": ", ".join(_MANIFEST_TYPES)},
+        )
+        if status != 200:
+            raise self._refused(
+                f"the manifest of {self.target.repository}:{reference}", status, body
+            )
+        return body, headers.get("Content-Type", "").split(";")[0]
+
+    def fetch_blob(self, digest: str, destination: Path) -> None:
+        """Download a blob to ``destination``, checking its digest."""
+        url = _http_only(f"{self.base}/v2/{self.target.repository}/blobs/{digest}")
+        for attempt in (1, 2):
+            request = urllib.request.Request(url)  # noqa: S310 - http(s) only, checked above
+            if self.authorization:
+                request.add_header("Authorization", self.authorization)
+            try:
+                with urllib.request.urlopen(request, timeout=_TIMEOUT) as response:  # noqa: S310
+                    hasher = hashlib.sha256()
+                    with destination.open("wb") as out:
+                        for block in iter(lambda: response.read(1 << 20), b""):
+                            hasher.update(block)
+                            out.write(block)
+                break
+            except urllib.error.HTTPError as err:
+                if err.code == 401 and attempt == 1 and self._authenticate(err.headers):
+                    continue
+                raise self._refused(f"the blob {digest}", err.code, err.read()) from err
+            except (urllib.error.URLError, OSError) as err:
+                raise PushError(
+                    f"cannot read from the registry {self.target.registry}: {scrub(str(err))}"
+                ) from err
+        if "sha256:" + hasher.hexdigest() != digest:
+            destination.unlink(missing_ok=True)
+            raise PushError(f"the registry sent a blob that does not match {digest}")
 
     def has_blob(self, digest: str) -> bool:
         status, _, _ = self._request("HEAD", f"/v2/{self.target.repository}/blobs/{digest}")

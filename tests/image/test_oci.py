@@ -277,3 +277,56 @@ def test_oci_refuses_what_it_cannot_do(
     code = main(["build", "models:/sk-cloudpickle/1", "-t", "x:1", "--load", "--json"])
     assert code == 2
     assert "--backend oci" in json.loads(capsys.readouterr().out)["error"]["hint"]
+
+
+def _layout(directory: Path) -> tuple[list[str], list[str]]:
+    """(layer digests, diff ids) of the image in an OCI layout."""
+    blobs = directory / "blobs" / "sha256"
+    index = json.loads((directory / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    config = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())
+    return [layer["digest"] for layer in manifest["layers"]], config["rootfs"]["diff_ids"]
+
+
+def test_bases_from_an_archive_and_a_registry(  # noqa: PLR0917 - pytest fixtures
+    registry_env: MlflowServer,
+    base_image: str,
+    local_registry: str,
+    docker_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The same base from the engine, a docker-archive or a registry: the same layers."""
+    from packager.cli import main
+
+    model = "models:/params-model/1"
+    args = ["build", model, "--backend", "oci", "--json"]
+    assert main([*args, "--base-image", base_image, "-o", str(tmp_path / "engine")]) == 0
+    capsys.readouterr()
+
+    archive = tmp_path / "base.tar"
+    subprocess.run(["docker", "save", "-o", str(archive), base_image], check=True, timeout=300)
+    from_archive = ["--base-image", f"docker-archive:{archive}", "-o", str(tmp_path / "archive")]
+    assert main([*args, *from_archive]) == 0
+    capsys.readouterr()
+
+    pushed = f"{local_registry}/bases/test-base:3.11"
+    docker_client.images.get(base_image).tag(pushed)
+    assert main(["push", pushed]) == 0
+    capsys.readouterr()
+    tag = "packager-test/oci-registry-base:1"
+    from_registry = ["--base-image", f"docker://{pushed}", "-o", str(tmp_path / "registry")]
+    assert main([*args, *from_registry, "-t", tag, "--load"]) == 0
+    capsys.readouterr()
+
+    engine_layers, engine_diffs = _layout(tmp_path / "engine")
+    archive_layers, archive_diffs = _layout(tmp_path / "archive")
+    registry_layers, registry_diffs = _layout(tmp_path / "registry")
+    assert archive_layers == engine_layers  # docker save gives the same uncompressed layers
+    assert registry_diffs == archive_diffs == engine_diffs  # the same content everywhere
+    assert registry_layers[1:] == engine_layers[1:]  # packager's layers are the same blobs
+    assert registry_layers[0] != engine_layers[0]  # the registry's base layer is compressed
+    assert main(["test", tag, "--model", model]) == 0
+    assert "passed" in capsys.readouterr().out
+    docker_client.images.remove(tag, force=True)
+    docker_client.images.remove(pushed, force=True)

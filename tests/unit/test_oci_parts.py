@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from packager.errors import PushError
+from packager.errors import PushError, UsageError
 from packager.image import oci, wheelinstall
 from packager.image.layers import LAYER_MEDIA_TYPE, Entry, entries_from_tree, write_layer
 from packager.image.registry import _base_url, parse_target
@@ -201,3 +201,45 @@ def test_docker_archive_is_deterministic(tmp_path: Path) -> None:
         assert manifest is not None
         assert b'"RepoTags":["x:1"]' in io.BytesIO(manifest.read()).read()
     assert {"oci-layout", "index.json", "manifest.json"} <= set(names)
+
+
+def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
+    store = oci.BlobStore(tmp_path / "store")
+    layer = write_layer(
+        [Entry(path="/usr/bin/python3.11", content=b"\x7fELF", executable=True)],
+        store.tmp / "l.tar",
+        epoch=0,
+        comment="",
+    )
+    store.put_file(layer.path, layer.digest)
+    config_digest = store.put_bytes(
+        oci.canonical_json(
+            {
+                "architecture": "amd64",
+                "os": "linux",
+                "config": {"Env": ["PATH=/usr/local/bin:/usr/bin"]},
+                "rootfs": {"type": "layers", "diff_ids": [layer.digest]},
+            }
+        )
+    )
+    descriptor = {"mediaType": LAYER_MEDIA_TYPE, "digest": layer.digest, "size": layer.size}
+    manifest = oci.canonical_json({"config": {"digest": config_digest}, "layers": [descriptor]})
+    image = oci.OciImage(
+        manifest=manifest,
+        manifest_digest=store.put_bytes(manifest),
+        config_digest=config_digest,
+        layers=((LAYER_MEDIA_TYPE, layer.digest, layer.size),),
+        written=0,
+        store=store,
+    )
+    oci.write_layout(image, tmp_path / "layout", tag="base")
+    other = oci.BlobStore(tmp_path / "other")
+    base = oci.load_base(
+        f"oci:{tmp_path / 'layout'}:base", other, client_factory=lambda: pytest.fail("engine")
+    )
+    assert [b.digest for b in base.layers] == [layer.digest]
+    assert other.has(layer.digest)
+    assert base.digest == image.manifest_digest
+    assert oci.base_python(base, "3.11") == "/usr/bin/python3.11"
+    with pytest.raises(UsageError, match=r"no python3\.12"):
+        oci.base_python(base, "3.12")
