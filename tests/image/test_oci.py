@@ -324,8 +324,9 @@ def test_bases_from_an_archive_and_a_registry(  # noqa: PLR0917 - pytest fixture
     registry_layers, registry_diffs = _layout(tmp_path / "registry")
     assert archive_layers == engine_layers  # docker save gives the same uncompressed layers
     assert registry_diffs == archive_diffs == engine_diffs  # the same content everywhere
-    assert registry_layers[1:] == engine_layers[1:]  # packager's layers are the same blobs
-    assert registry_layers[0] != engine_layers[0]  # the registry's base layer is compressed
+    # packager's layers are the same blobs. (The base layer's blob may be compressed or not:
+    # the engine's push reuses a blob the registry already has for the same content.)
+    assert registry_layers[1:] == engine_layers[1:]
     assert main(["test", tag, "--model", model]) == 0
     assert "passed" in capsys.readouterr().out
     docker_client.images.remove(tag, force=True)
