@@ -30,6 +30,28 @@ def docker_client() -> Any:
         raise
 
 
+# What image tests tag: their own images, and images pulled back from test registries.
+TEST_PREFIXES = ("packager-test/", "127.0.0.1:")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_test_images(docker_client: Any) -> Iterator[None]:
+    """Remove what image tests tagged, so repeated runs don't fill the disk.
+
+    Each model image is close to 1 GB; left behind, a few CI runs fill a small disk. The
+    base image (packager-test-base, built once per machine) stays. Don't run two image
+    test sessions on one engine at once: the first to end removes the other's images.
+    """
+    yield
+    for image in docker_client.images.list():
+        for tag in image.tags:
+            if tag.startswith(TEST_PREFIXES):
+                with contextlib.suppress(Exception):
+                    docker_client.images.remove(tag)
+    with contextlib.suppress(Exception):
+        docker_client.images.prune(filters={"dangling": True})
+
+
 @pytest.fixture(scope="session")
 def base_image(docker_client: Any) -> str:
     """Built once per machine with mmdebstrap (reused when the tag exists)."""
