@@ -548,6 +548,9 @@ def _test(args: argparse.Namespace) -> int:
     else:
         for path, status in report.endpoints:
             sys.stdout.write(f"GET {path}: {status}\n")
+        if report.labelled_as is not None:
+            verdict = "ok" if report.serves_as_labelled else "MISMATCH"
+            sys.stdout.write(f"serves {report.labelled_as} (as labelled): {verdict}\n")
         for payload in report.payloads:
             verdict = "ok" if payload.matches else "MISMATCH"
             sys.stdout.write(

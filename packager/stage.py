@@ -28,6 +28,8 @@ import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import yaml
+
 import packager_server
 from packager import __version__
 from packager.digest import walk_files
@@ -43,6 +45,7 @@ MODEL_DIR = "/opt/model"
 VENV = "/opt/venv"
 SERVER_DIR = "/opt/packager/server"
 PORT = 8080
+REGISTERED_MODEL_META = "registered_model_meta"
 USER_ID = 10001
 # One definition for both backends (the Dockerfile and the OCI config).
 ENTRYPOINT = ("python", "-m", "packager_server")
@@ -101,6 +104,8 @@ def plan_context(
         if "__pycache__" in path.parts:
             continue
         relative = path.relative_to(spec.path).as_posix()
+        if relative == REGISTERED_MODEL_META:
+            continue  # written below, from the provenance
         if code_prefix and relative.startswith(code_prefix):
             files.append(ContextFile(destination=f"model-code/{relative}", source=path))
         elif any(relative == p or relative.startswith(p + "/") for p in artifact_prefixes):
@@ -112,6 +117,22 @@ def plan_context(
             )
         else:
             files.append(ContextFile(destination=f"model/{relative}", source=path))
+    # The server names the model in /version and metrics from this file (MLflow writes
+    # it when it downloads a models:/ URI). A file, not ENV, so that everything which
+    # changes with the version sits in the model's own layer: the steps before it stay
+    # cached for the next version.
+    files.append(
+        ContextFile(
+            destination=f"model/{REGISTERED_MODEL_META}",
+            content=yaml.safe_dump(
+                {
+                    "model_name": provenance.model_name or spec.path.name,
+                    "model_version": provenance.model_version or "",
+                },
+                sort_keys=True,
+            ).encode(),
+        )
+    )
     if base_digest is None and "@sha256:" in base_image:
         base_digest = base_image.rsplit("@", 1)[1]
     base_labels = [("org.opencontainers.image.base.name", base_image)]
@@ -124,8 +145,6 @@ def plan_context(
         ("PYTHONDONTWRITEBYTECODE", "1"),
         ("PACKAGER_MODEL_DIR", MODEL_DIR),
         ("PACKAGER_PORT", str(PORT)),
-        ("PACKAGER_MODEL_NAME", provenance.model_name or spec.path.name),
-        ("PACKAGER_MODEL_VERSION", provenance.model_version or ""),
         ("MLFLOW_DISABLE_TELEMETRY", "true"),
         ("DO_NOT_TRACK", "true"),
     )
@@ -142,6 +161,8 @@ def plan_context(
 
 
 def render_dockerfile(plan: BuildPlan) -> str:
+    """The Dockerfile; everything that is the same for every version of a model comes
+    before the model's files, so a new version re-runs only its COPY and LABEL steps."""
     return render(
         "Dockerfile.j2",
         plan=plan,

@@ -44,12 +44,31 @@ class TestReport:
     latency_p50_ms: float
     endpoints: tuple[tuple[str, int], ...]
     payloads: tuple[PayloadResult, ...]
+    # The model name and version the image's labels promise, and whether the server
+    # reports the same in its metrics (None: the image has no such labels).
+    labelled_as: str | None = None
+    serves_as_labelled: bool = True
 
     @property
     def passed(self) -> bool:
-        return all(p.matches for p in self.payloads) and all(
-            status == 200 for _, status in self.endpoints
+        return (
+            all(p.matches for p in self.payloads)
+            and all(status == 200 for _, status in self.endpoints)
+            and self.serves_as_labelled
         )
+
+
+def _identity(image_labels: dict[str, str]) -> str | None:
+    """``model="NAME",version="V"`` as the server's metrics label their series."""
+    name = image_labels.get("io.packager.model.name")
+    if name is None:
+        return None
+    version = image_labels.get("io.packager.model.version", "")
+
+    def quoted(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return f'model="{quoted(name)}",version="{quoted(version)}"'
 
 
 def _expected_env() -> dict[str, str]:
@@ -101,6 +120,7 @@ def verify_image(
             "nothing to replay: the model has no serving input example", hint="pass --payload FILE"
         )
     expected = {p: expected_answer(model_dir, p, "application/json") for p in requests}
+    identity = _identity(client.images.get(image).labels or {})
     container = client.containers.run(image, detach=True, ports={"8080/tcp": ("127.0.0.1", None)})
     try:
         started = time.monotonic()
@@ -112,6 +132,9 @@ def verify_image(
         endpoints = tuple(
             (path, _get(base + path)[0])
             for path in ("/ping", "/health", "/version", "/metrics", "/live")
+        )
+        serves_as_labelled = identity is None or identity in _get(base + "/metrics")[1].decode(
+            errors="replace"
         )
         results = []
         for path in requests:
@@ -137,6 +160,8 @@ def verify_image(
             latency_p50_ms=1000 * statistics.median(timings),
             endpoints=endpoints,
             payloads=tuple(results),
+            labelled_as=identity,
+            serves_as_labelled=serves_as_labelled,
         )
     finally:
         container.remove(force=True)

@@ -25,7 +25,7 @@ def plan(**changes: object) -> BuildPlan:
             ("io.packager.model.name", "wine"),
             ("org.opencontainers.image.description", 'a "quoted" $VALUE'),
         ),
-        "environment": (("PACKAGER_MODEL_DIR", MODEL_DIR), ("PACKAGER_MODEL_NAME", "wine")),
+        "environment": (("PACKAGER_MODEL_DIR", MODEL_DIR), ("PACKAGER_PORT", "8080")),
         "system_packages": ("libgomp1",),
         "dockerfile": "",
     }
@@ -53,12 +53,16 @@ def test_layer_order_and_hygiene() -> None:
             "wheelinstall.py --venv /opt/venv",
             "COPY --from=dependencies",
             "COPY server/",
+            "USER 10001",
+            "ENTRYPOINT",
             "COPY model-code/",
             "COPY model-artifacts/",
             "COPY model/",
-            "USER 10001",
+            "LABEL",
         )
     ]
+    # Everything a new version of the model keeps comes before its own files, so a
+    # rebuild for a new version re-runs only the last steps.
     assert order == sorted(order)
     assert "--lock /tmp/packager/requirements.lock" in text
     assert "--manifest /tmp/packager/wheelhouse.txt" in text
@@ -104,3 +108,11 @@ def test_unreachable_engine_names_docker_host(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(DockerUnavailableError, match=r"tcp://127\.0\.0\.1:1") as info:
         engine.connect()
     assert "DOCKER_HOST" in (info.value.hint or "")
+
+
+def test_identity_is_quoted_as_the_server_quotes_metric_labels() -> None:
+    from packager.verify import _identity
+
+    assert _identity({}) is None
+    labels = {"io.packager.model.name": 'a "b"\\c', "io.packager.model.version": "3"}
+    assert _identity(labels) == 'model="a \\"b\\"\\\\c",version="3"'
