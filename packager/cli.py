@@ -218,6 +218,13 @@ def _add_image_commands(
         action="store_true",
         help="swap mlflow for mlflow-skinny (see `packager lock`)",
     )
+    image_parent.add_argument(
+        "--no-bytecode",
+        dest="bytecode",
+        action="store_false",
+        help="ship no .pyc files: a smaller image that starts slower (by default the "
+        "base's Python compiles the dependencies, tests excepted)",
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -415,6 +422,7 @@ def _image_options(args: argparse.Namespace, python_default: str | None = None) 
     return api.ImageOptions(
         base_image=args.base_image or f"python:{python_default or '3.11'}-slim",
         system_packages=tuple(args.system_package),
+        bytecode=args.bytecode,
         lock=api.LockOptions(
             mlflow_skinny=args.mlflow_skinny,
             index=IndexOptions.from_environment(

@@ -74,6 +74,7 @@ class BuildPlan:
     environment: tuple[tuple[str, str], ...]
     system_packages: tuple[str, ...]
     dockerfile: str
+    bytecode: bool = True  # /opt/venv ships pycs written by the base's interpreter
 
 
 def plan_context(
@@ -86,6 +87,7 @@ def plan_context(
     base_digest: str | None = None,
     system_packages: tuple[str, ...] = (),
     dockerfile: bool = True,
+    bytecode: bool = True,
 ) -> BuildPlan:
     """The context for ``spec``; ``base_digest`` pins the base in the image's labels.
 
@@ -156,6 +158,7 @@ def plan_context(
         environment=environment,
         system_packages=system_packages,
         dockerfile="",
+        bytecode=bytecode,
     )
     return replace(plan, dockerfile=render_dockerfile(plan)) if dockerfile else plan
 

@@ -41,7 +41,7 @@ from typing import Any
 
 import packager
 from packager.errors import ImageBuildError, UsageError
-from packager.image import engine, wheelinstall
+from packager.image import engine, rootfs, wheelinstall
 from packager.image.base import DEFAULT_EPOCH
 from packager.image.layers import (
     LAYER_MEDIA_TYPE,
@@ -485,7 +485,7 @@ def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
         )
     interpreter = base_python(base, inputs.python)
     maker = _LayerMaker(store, FILE_EPOCH)
-    layers = [_dependency_layer(inputs, interpreter, maker, store)]
+    layers = [_dependency_layer(inputs, base, interpreter, maker, store)]
     for kind, comment, entries in _plan_groups(inputs.plan):
         material = [[e.path, e.executable, _entry_digest(e)] for e in entries]
         layers.append(maker.cached(kind, material) or maker.make(kind, comment, material, entries))
@@ -547,7 +547,7 @@ def _oci_media(media: str) -> str:
 
 
 def _dependency_layer(
-    inputs: Inputs, interpreter: str, maker: _LayerMaker, store: BlobStore
+    inputs: Inputs, base: Base, interpreter: str, maker: _LayerMaker, store: BlobStore
 ) -> Layer:
     """/opt/venv, installed by wheelinstall into a staging tree that lives as long as needed."""
     material = [
@@ -557,6 +557,8 @@ def _dependency_layer(
         interpreter,
         _installer_version(),
         file_digest(Path(wheelinstall.__file__)),
+        # Bytecode depends on the exact interpreter: the base's layers identify it.
+        [layer.diff_id for layer in base.layers] if inputs.plan.bytecode else "no bytecode",
     ]
     comment = f"{VENV}: the locked wheelhouse"
     cached = maker.cached("dependencies", material)
@@ -586,8 +588,48 @@ def _dependency_layer(
             )
         except wheelinstall.InstallError as err:
             raise ImageBuildError(f"installing the wheelhouse failed: {err}") from err
+        if inputs.plan.bytecode:
+            _write_bytecode(root, inputs.python, interpreter, base, store)
         entries = entries_from_tree(root / VENV.lstrip("/"), VENV)
         return maker.make("dependencies", comment, material, entries)
+
+
+def _write_bytecode(
+    root: Path, python: str, interpreter: str, base: Base, store: BlobStore
+) -> None:
+    """Compile the staged venv with the base's own interpreter, in the base's root file
+    system (see :mod:`packager.image.rootfs`), as the Docker backend does in its build."""
+    system = rootfs.base_rootfs(base, store)
+    prefix = rootfs.command_in(system, what="writing bytecode")
+    scratch = system / ".packager-work"  # packager's own: never a link from the base
+    if scratch.is_symlink():
+        raise ImageBuildError(f"{scratch} is a symbolic link", hint="remove it and build again")
+    scratch.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="venv-", dir=scratch))
+    inside = f"/{scratch.name}/{work.name}"
+    staged = root / VENV.lstrip("/")
+    moved = work / VENV.lstrip("/")
+    try:
+        shutil.copyfile(wheelinstall.__file__, work / "wheelinstall.py")
+        moved.parent.mkdir(parents=True)
+        staged.rename(moved)  # same file system: the store holds both
+        try:
+            site = wheelinstall.site_packages(moved, python)
+            wheelinstall.compile_in_parallel(
+                sorted(site.iterdir()),
+                [*prefix, interpreter, f"{inside}/wheelinstall.py"],
+                jobs=len(os.sched_getaffinity(0)),
+                strip=inside,
+                prepend="/",
+                where=lambda path: f"{inside}/{path.relative_to(work).as_posix()}",
+                env=dict(rootfs.ENVIRONMENT),
+            )
+        except wheelinstall.InstallError as err:
+            raise ImageBuildError(str(err), hint="build with --no-bytecode") from err
+        finally:
+            moved.rename(staged)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _installer_version() -> str:
