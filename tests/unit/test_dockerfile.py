@@ -51,10 +51,10 @@ def test_layer_order_and_hygiene() -> None:
         for step in (
             "FROM packager-base:3.11 AS dependencies",
             "wheelinstall.py --venv /opt/venv",
-            "COPY --from=dependencies",
-            "COPY server/",
             "USER 10001",
             "ENTRYPOINT",
+            "COPY --from=dependencies",
+            "COPY server/",
             "COPY model-code/",
             "COPY model-artifacts/",
             "COPY model/",
