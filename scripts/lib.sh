@@ -31,7 +31,9 @@ ensure_venv() {
   # uv installs the ~150 pinned packages in seconds where pip takes minutes.
   "$root/.venv/bin/python" -m pip install --quiet --disable-pip-version-check "uv==0.13.9"
   echo "setup: installing packager and its dev dependencies" >&2
-  "$root/.venv/bin/uv" pip install --quiet --python "$root/.venv/bin/python" \
+  # --compile-bytecode: packager starts every command with mlflow imports; without pycs
+  # (and with PYTHONDONTWRITEBYTECODE, as on CI machines) each run would compile them.
+  "$root/.venv/bin/uv" pip install --quiet --compile-bytecode --python "$root/.venv/bin/python" \
     -c "$root/constraints/dev.txt" -e "$root[dev]"
   echo "$want" >"$stamp"
 }
