@@ -68,6 +68,16 @@ def suite_for(python: str) -> str:
     return suite
 
 
+def _merged_usr_hooks() -> list[str]:
+    """Set up merged /usr with mmdebstrap's own hook instead of the usrmerge package.
+
+    Without it, apt satisfies init-system-helpers' "usrmerge | usr-is-merged" with
+    usrmerge, which pulls in perl: ~46 MB of the image that nothing in it uses.
+    """
+    hooks = Path("/usr/share/mmdebstrap/hooks/merged-usr")
+    return [f"--hook-dir={hooks}"] if (hooks / "setup00.sh").is_file() else []
+
+
 def build_base(
     python: str,
     reference: str,
@@ -112,6 +122,7 @@ def build_base(
             "--dpkgopt=path-exclude=/usr/share/doc/*",
             "--dpkgopt=path-exclude=/usr/share/man/*",
             "--dpkgopt=path-exclude=/usr/share/locale/*",
+            *_merged_usr_hooks(),
             *(f"--customize-hook={hook}" for hook in customize),
             suite,
             str(rootfs),
