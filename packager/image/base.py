@@ -5,11 +5,18 @@ then the engine imports it. Debian ships one Python per release, so the Python m
 decides the suite: 3.11 is bookworm, 3.13 trixie. The image has a non-root user
 (``model``, uid 10001) for the server, and no ``/etc/resolv.conf`` or ``/etc/hostname``
 from the build machine. With the same mirror snapshot and ``SOURCE_DATE_EPOCH``,
-mmdebstrap writes the same tar.
+mmdebstrap writes the same tar, and the image is loaded with a config whose times are
+that epoch: two builds give the same image id, not just the same layer.
+
+An existing tag is reused only if its ``io.packager.base.recipe`` label matches this
+recipe (packages, hooks, suite, epoch), so a changed recipe is never hidden by an old
+image under the same tag.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import tempfile
@@ -68,6 +75,18 @@ def suite_for(python: str) -> str:
     return suite
 
 
+RECIPE_LABEL = "io.packager.base.recipe"
+# Bump when build_base changes what it puts in the root file system.
+RECIPE_FORMAT = "2"
+
+
+def _recipe(suite: str, packages: tuple[str, ...], hooks: tuple[str, ...], epoch: int) -> str:
+    material = json.dumps(
+        [RECIPE_FORMAT, suite, sorted(packages), list(hooks), epoch, bool(_merged_usr_hooks())]
+    )
+    return "sha256:" + hashlib.sha256(material.encode()).hexdigest()
+
+
 def _merged_usr_hooks() -> list[str]:
     """Set up merged /usr with mmdebstrap's own hook instead of the usrmerge package.
 
@@ -98,11 +117,14 @@ def build_base(
     suite = suite_for(python)
     minor = ".".join(python.split(".")[:2])
     client = client or engine.connect()
+    recipe = _recipe(suite, packages, hooks, epoch)
     if not rebuild and engine.image_exists(client, reference):
         image = client.images.get(reference)
-        return BaseImage(
-            reference=reference, image_id=str(image.id), python=minor, suite=suite, built=False
-        )
+        if (image.labels or {}).get(RECIPE_LABEL) == recipe:
+            return BaseImage(
+                reference=reference, image_id=str(image.id), python=minor, suite=suite, built=False
+            )
+        log.info("%s was built by another recipe: building it again", reference)
     mmdebstrap = find_tool("mmdebstrap", install_hint="apt-get install mmdebstrap")
     with tempfile.TemporaryDirectory(prefix="packager-base-") as tmp:
         rootfs = Path(tmp) / "rootfs.tar"
@@ -140,19 +162,20 @@ def build_base(
             env={"SOURCE_DATE_EPOCH": str(epoch)},
             timeout=1800,
         )
-        repository, _, tag_name = reference.rpartition(":")
-        if not repository or "/" in tag_name:
-            repository, tag_name = reference, "latest"
-        image_id = engine.import_rootfs(
+        image_id = engine.load_rootfs(
             client,
             rootfs,
-            repository,
-            tag_name,
-            changes=[
-                "ENV LANG=C.UTF-8",
-                f'LABEL org.opencontainers.image.title="Debian {suite} with Python {minor}"',
-                f'LABEL io.packager.base.python="{minor}"',
-                f'LABEL io.packager.base.suite="{suite}"',
-            ],
+            reference,
+            config={
+                "Env": ["LANG=C.UTF-8"],
+                "Labels": {
+                    "org.opencontainers.image.title": f"Debian {suite} with Python {minor}",
+                    "io.packager.base.python": minor,
+                    "io.packager.base.suite": suite,
+                    RECIPE_LABEL: recipe,
+                },
+            },
+            epoch=epoch,
+            created_by=f"packager base build --python {minor} (mmdebstrap, Debian {suite})",
         )
     return BaseImage(reference=reference, image_id=image_id, python=minor, suite=suite, built=True)

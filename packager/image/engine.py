@@ -6,6 +6,7 @@ imports docker.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from collections.abc import Iterator
@@ -46,16 +47,69 @@ def image_exists(client: Any, reference: str) -> bool:
     return True
 
 
-def import_rootfs(client: Any, tarball: Path, repository: str, tag: str, changes: list[str]) -> str:
-    """``docker import``: a root file system tar as an image; returns its id."""
+def load_rootfs(
+    client: Any,
+    tarball: Path,
+    reference: str,
+    *,
+    config: dict[str, Any],
+    epoch: int,
+    created_by: str,
+) -> str:
+    """Load a root file system tar as a one-layer image, tagged ``reference``.
+
+    Unlike ``docker import`` (which stamps the current time into the image config), the
+    config here holds only ``epoch``, so the image id depends on nothing but the tar and
+    ``config``: the same root file system gives the same id on any machine.
+    """
+    import datetime  # noqa: PLC0415
+    import hashlib  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    import platform  # noqa: PLC0415
+    import tarfile  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    digest = hashlib.sha256()
     with tarball.open("rb") as data:
-        result = client.api.import_image_from_data(
-            data, repository=repository, tag=tag, changes=changes
-        )
-    status = result if isinstance(result, str) else str(result)
-    if "error" in status.lower():
-        raise ImageBuildError(f"importing the base image failed: {status[-1000:]}")
-    return str(client.images.get(f"{repository}:{tag}").id)
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    diff_id = "sha256:" + digest.hexdigest()
+    when = datetime.datetime.fromtimestamp(epoch, tz=datetime.timezone.utc).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    machine = platform.machine().lower()
+    image_config = {
+        "architecture": {"x86_64": "amd64", "aarch64": "arm64"}.get(machine, machine),
+        "os": "linux",
+        "created": when,
+        "config": config,
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "history": [{"created": when, "created_by": created_by}],
+    }
+    config_bytes = json.dumps(image_config, sort_keys=True, separators=(",", ":")).encode()
+    config_name = hashlib.sha256(config_bytes).hexdigest() + ".json"
+    manifest = [{"Config": config_name, "RepoTags": None, "Layers": [f"{diff_id[7:]}/layer.tar"]}]
+    with tempfile.TemporaryDirectory(prefix="packager-base-load-", dir=tarball.parent) as tmp:
+        archive = Path(tmp) / "image.tar"
+        with tarfile.open(archive, "w") as out:
+            out.add(tarball, arcname=f"{diff_id[7:]}/layer.tar")
+            for name, payload in (
+                (config_name, config_bytes),
+                ("manifest.json", json.dumps(manifest).encode()),
+            ):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                info.mtime = epoch
+                out.addfile(info, io.BytesIO(payload))
+        loaded = load(client, archive)
+    image_id = "sha256:" + config_name.removesuffix(".json")
+    if image_id not in loaded:
+        raise ImageBuildError(f"the engine loaded {loaded}, not the base image {image_id}")
+    repository, _, tag = reference.rpartition(":")
+    if not repository or "/" in tag:
+        repository, tag = reference, "latest"
+    client.images.get(image_id).tag(repository, tag)
+    return image_id
 
 
 def build(client: Any, context: Path) -> Iterator[str]:

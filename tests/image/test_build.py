@@ -150,6 +150,23 @@ def test_base_with_another_python_is_refused_before_building(
     assert "packager base build --python 3.12" in out["error"]["hint"]
 
 
+def test_base_build_is_reproducible(base_image: str, docker_client: Any) -> None:
+    """A second mmdebstrap run of the recipe gives the same image id, not just the same
+    files: no time from the clock in the image config (docker import would add one)."""
+    from packager.image.base import RECIPE_LABEL, build_base
+
+    again = f"packager-test/base-again-{uuid.uuid4().hex[:12]}:3.11"
+    built = build_base("3.11", again, rebuild=True, client=docker_client)
+    try:
+        assert built.built
+        first = docker_client.images.get(base_image)
+        assert built.image_id == first.id
+        assert first.labels[RECIPE_LABEL].startswith("sha256:")
+        assert first.attrs["Created"].startswith("2026-01-01T00:00:00")
+    finally:
+        docker_client.images.remove(again)
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
 def test_an_interrupted_build_leaves_no_tag(
     signal_number: int,
