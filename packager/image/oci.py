@@ -334,28 +334,14 @@ def _base_from_layout(reference: str, store: BlobStore) -> Base:
 
     manifest = json.loads(blob(wanted[0]["digest"]).read_bytes())
     config = json.loads(blob(manifest["config"]["digest"]).read_bytes())
-    layers = []
-    files: set[str] = set()
-    for descriptor, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
-        source = blob(descriptor["digest"])
-        if file_digest(source) != descriptor["digest"]:
-            raise UsageError(f"{root}: blob {descriptor['digest']} does not match its digest")
-        store.put_file(source, descriptor["digest"])
-        files |= _layer_paths(source)
-        layers.append(
-            BaseLayer(
-                media_type=descriptor["mediaType"],
-                digest=descriptor["digest"],
-                size=int(descriptor["size"]),
-                diff_id=diff_id,
-            )
-        )
-    return Base(
-        reference=reference,
-        config=config,
-        layers=tuple(layers),
-        files=frozenset(files),
-        digest=str(wanted[0]["digest"]),
+
+    def copy(digest: str) -> None:
+        if file_digest(blob(digest)) != digest:
+            raise UsageError(f"{root}: blob {digest} does not match its digest")
+        store.put_file(blob(digest), digest)
+
+    return _base_from_manifest(
+        reference, manifest, config, store, fetch=copy, digest=str(wanted[0]["digest"])
     )
 
 
@@ -393,18 +379,37 @@ def _base_from_registry(reference: str, store: BlobStore, platform: str) -> Base
     client.fetch_blob(manifest["config"]["digest"], config_path)
     config = json.loads(config_path.read_bytes())
     config_path.unlink()
-    layers, files = [], set()
-    for descriptor, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
-        digest = descriptor["digest"]
+
+    def pull(digest: str) -> None:
         if not store.has(digest):
             tmp = store.tmp / f"pull.{os.getpid()}"
             client.fetch_blob(digest, tmp)
             store.put_file(tmp, digest)
-        files |= _layer_paths(store.path(digest))
+
+    return _base_from_manifest(
+        reference, manifest, config, store, fetch=pull, digest=manifest_digest
+    )
+
+
+def _base_from_manifest(
+    reference: str,
+    manifest: dict[str, Any],
+    config: dict[str, Any],
+    store: BlobStore,
+    *,
+    fetch: Callable[[str], None],
+    digest: str,
+) -> Base:
+    """The base an image manifest describes; ``fetch`` puts a layer blob in the store."""
+    layers = []
+    files: set[str] = set()
+    for descriptor, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+        fetch(descriptor["digest"])
+        files |= _layer_paths(store.path(descriptor["digest"]))
         layers.append(
             BaseLayer(
                 media_type=descriptor["mediaType"],
-                digest=digest,
+                digest=descriptor["digest"],
                 size=int(descriptor["size"]),
                 diff_id=diff_id,
             )
@@ -414,7 +419,7 @@ def _base_from_registry(reference: str, store: BlobStore, platform: str) -> Base
         config=config,
         layers=tuple(layers),
         files=frozenset(files),
-        digest=manifest_digest,
+        digest=digest,
     )
 
 
