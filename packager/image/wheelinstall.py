@@ -110,7 +110,7 @@ def check_wheelhouse(wheels: Path, manifest: Path, lock: Path) -> list[Path]:
 
 def write_skeleton(venv_root: Path, python: str, base_python: str) -> None:
     """pyvenv.cfg, bin/python links and an empty site-packages, like ``python -m venv``."""
-    site = venv_root / "lib" / f"python{python}" / "site-packages"
+    site = site_packages(venv_root, python)
     site.mkdir(parents=True, exist_ok=True)
     (venv_root / "bin").mkdir(exist_ok=True)
     home = str(Path(base_python).parent)
@@ -147,7 +147,7 @@ def install(
     files = check_wheelhouse(wheels, manifest, lock)
     venv_root = root / venv.lstrip("/")
     write_skeleton(venv_root, python, base_python)
-    site = venv_root / "lib" / f"python{python}" / "site-packages"
+    site = site_packages(venv_root, python)
     schemes = {
         "purelib": str(site),
         "platlib": str(site),
@@ -194,27 +194,19 @@ def compile_tree(paths: list[Path], *, strip: str | None = None, prepend: str | 
     skip = re.compile(SKIP_BYTECODE)
     failed = 0
     mode = py_compile.PycInvalidationMode.UNCHECKED_HASH
+    options = {
+        "quiet": 1,
+        "rx": skip,
+        "stripdir": strip,
+        "prependdir": prepend,
+        "invalidation_mode": mode,
+    }
     for path in sorted(paths):
         with redirect_stdout(io.StringIO()) as out:
             if path.is_dir():
-                compileall.compile_dir(
-                    path,
-                    quiet=1,
-                    rx=skip,
-                    stripdir=strip,
-                    prependdir=prepend,
-                    invalidation_mode=mode,
-                    workers=1,
-                )
+                compileall.compile_dir(path, workers=1, **options)  # type: ignore[arg-type]
             elif path.suffix == ".py":
-                compileall.compile_file(
-                    path,
-                    quiet=1,
-                    rx=skip,
-                    stripdir=strip,
-                    prependdir=prepend,
-                    invalidation_mode=mode,
-                )
+                compileall.compile_file(path, **options)  # type: ignore[arg-type]
         failed += out.getvalue().count("***")
     return failed
 
