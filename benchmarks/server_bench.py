@@ -10,7 +10,9 @@ separate process on loopback with keep-alive connections. It reports:
 * requests/s at 8 connections, and the ratio ours/MLflow (goal: >= 5);
 * p50 latency at 1 connection, against the time pyfunc.predict spends inside the model
   (goal: within 0.5 ms);
-* start to ready (first 200 from /ping), ratio (goal: <= 1/3 of MLflow's);
+* start to ready (first 200 from /ping; median of --starts interleaved starts of each),
+  ratio (goal: <= 1/3 of MLflow's); and the floor any server that loads through MLflow
+  pays: a bare ``python -c "import mlflow.pyfunc; load_model(...)"`` to its last line;
 * memory (PSS of the whole process tree) with 4 workers vs 1 (goal: <= 1.5x).
 
 Nothing here asserts: the numbers depend on the machine. Run it twice to see the noise.
@@ -131,6 +133,32 @@ def server(command: list[str], port: int, log: Path) -> Iterator[tuple[float, in
             os.killpg(process.pid, signal.SIGKILL)
 
 
+def start_seconds(command: list[str], port: int, log: Path) -> float:
+    with server(command, port, log) as (seconds, _):
+        return seconds
+
+
+def load_floor_seconds(model_dir: Path) -> float:
+    """Seconds for a fresh interpreter to import MLflow and load the model, nothing else."""
+    code = (
+        "import mlflow.pyfunc, sys; "
+        f"mlflow.pyfunc.load_model({str(model_dir)!r}, suppress_warnings=True); "
+        "print('loaded', flush=True)"
+    )
+    started = time.monotonic()
+    process = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    seconds = time.monotonic() - started
+    process.kill()
+    process.wait()
+    if line.strip() != b"loaded":
+        raise RuntimeError("the bare load_model run failed")
+    return seconds
+
+
 class _Connection:
     """A minimal keep-alive HTTP/1.1 client on a raw socket.
 
@@ -248,6 +276,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per load run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--starts", type=int, default=3, help="start-up samples per server")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -271,12 +300,6 @@ def main() -> None:
             "--env-manager",
             "local",
         ]
-        with server(mlflow_cmd, mlflow_port, work / "mlflow.log") as (start, _):
-            results["mlflow"] = {
-                "start_seconds": start,
-                "c8": run_load(mlflow_port, body, 8, args.seconds),
-                "c1": run_load(mlflow_port, body, 1, args.seconds),
-            }
         ours_cmd = [
             sys.executable,
             "-m",
@@ -287,11 +310,23 @@ def main() -> None:
             "127.0.0.1",
             "--no-access-log",
         ]
-        with server(
-            [*ours_cmd, "--port", str(ours_port), "--workers", "1"], ours_port, work / "ours.log"
-        ) as (start, pid):
+        ours_1 = [*ours_cmd, "--port", str(ours_port), "--workers", "1"]
+        starts: dict[str, list[float]] = {"mlflow": [], "packager": [], "floor": []}
+        for _ in range(args.starts):  # interleaved, so drifts in machine load hit all three
+            starts["mlflow"].append(start_seconds(mlflow_cmd, mlflow_port, work / "mlflow.log"))
+            starts["packager"].append(start_seconds(ours_1, ours_port, work / "ours.log"))
+            starts["floor"].append(load_floor_seconds(model_dir))
+        results["start_samples_seconds"] = starts
+        results["load_floor_seconds"] = statistics.median(starts["floor"])
+        with server(mlflow_cmd, mlflow_port, work / "mlflow.log") as _:
+            results["mlflow"] = {
+                "start_seconds": statistics.median(starts["mlflow"]),
+                "c8": run_load(mlflow_port, body, 8, args.seconds),
+                "c1": run_load(mlflow_port, body, 1, args.seconds),
+            }
+        with server(ours_1, ours_port, work / "ours.log") as (_, pid):
             results["packager"] = {
-                "start_seconds": start,
+                "start_seconds": statistics.median(starts["packager"]),
                 "c8": run_load(ours_port, body, 8, args.seconds),
                 "c1": run_load(ours_port, body, 1, args.seconds),
             }
@@ -339,6 +374,13 @@ def report(r: dict[str, Any]) -> None:
             f"{ours['start_seconds']:.2f}",
             f"{ours['start_seconds'] / theirs['start_seconds']:.2f} of MLflow's",
             "<= 0.33",
+        ),
+        (
+            "  floor: import mlflow + load (s)",
+            "",
+            f"{r['load_floor_seconds']:.2f}",
+            f"{r['load_floor_seconds'] / theirs['start_seconds']:.2f} of MLflow's",
+            "",
         ),
         (
             "PSS 4 workers / 1 worker",

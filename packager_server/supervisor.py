@@ -131,6 +131,9 @@ class Supervisor:
 
     def _supervise(self) -> int:
         births = dict.fromkeys(self.workers, time.monotonic())
+        # Workers are serving: the supervisor is idle, so it runs MLflow's load-time
+        # checks now, in its main thread (a thread here could hold a lock across a fork).
+        check_environment(self.config.model_dir)
         while not self._stopping:
             time.sleep(0.2)
             self._watchdog()
@@ -261,13 +264,47 @@ def load_model(config: ServerConfig) -> tuple[Any, dict[str, str]]:
     import mlflow  # noqa: PLC0415
     import mlflow.pyfunc  # noqa: PLC0415
 
-    model = mlflow.pyfunc.load_model(str(config.model_dir))
+    # MLflow's two load-time warnings (installed packages vs the model's requirements, and
+    # Python version) cost ~0.8 s here, mostly scanning every installed distribution. They
+    # change nothing about the model, so the supervisor reports them once workers serve
+    # (see check_environment) instead of before the model is ready.
+    model = mlflow.pyfunc.load_model(str(config.model_dir), suppress_warnings=True)
     meta = _registered_model_meta(config.model_dir)
     return model, {
         "model_name": config.model_name or meta.get("model_name") or config.model_dir.name,
         "model_version": config.model_version or meta.get("model_version") or "",
         "mlflow_version": mlflow.__version__,
     }
+
+
+def check_environment(model_dir: Path) -> None:
+    """Log MLflow's own warnings about this environment against the model's needs.
+
+    The same checks ``mlflow.pyfunc.load_model`` runs unless ``suppress_warnings``; they
+    only log. They use MLflow internals, so a change there costs the warnings, never the
+    server.
+    """
+    try:
+        from mlflow.models import Model  # noqa: PLC0415
+        from mlflow.pyfunc import (  # noqa: PLC0415
+            FLAVOR_NAME,
+            PY_VERSION,
+            _get_pip_requirements_from_model_path,
+            _warn_potentially_incompatible_py_version_if_necessary,
+        )
+        from mlflow.utils.requirements_utils import (  # noqa: PLC0415
+            warn_dependency_requirement_mismatches,
+        )
+
+        warn_dependency_requirement_mismatches(
+            _get_pip_requirements_from_model_path(str(model_dir))
+        )
+        conf = Model.load(str(model_dir / "MLmodel")).flavors.get(FLAVOR_NAME) or {}
+        _warn_potentially_incompatible_py_version_if_necessary(  # type: ignore[no-untyped-call]
+            model_py_version=conf.get(PY_VERSION)
+        )
+    except Exception:
+        log.debug("MLflow's environment checks could not run", exc_info=True)
 
 
 def _registered_model_meta(model_dir: Path) -> dict[str, str]:

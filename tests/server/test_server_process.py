@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import shutil
 import socket
 import threading
 import time
@@ -266,6 +267,23 @@ def test_config_from_environment_and_flags(tmp_path: Path) -> None:
             load_config([], {**env, **bad})
     with pytest.raises(ConfigError, match="no model"):
         load_config([], {})
+
+
+def test_mlflow_requirement_warnings_come_after_ready(server_models: Path, tmp_path: Path) -> None:
+    """MLflow's load-time environment check still runs, but no longer delays readiness."""
+    model = tmp_path / "model"
+    shutil.copytree(server_models / "sleepy", model)
+    with (model / "requirements.txt").open("a") as requirements:
+        requirements.write("\nscikit-learn==0.20.0\n")
+    with run_server(model, tmp_path / "logs", "--workers", "1") as server:
+        deadline = time.monotonic() + 60
+        while "Detected one or more mismatches" not in server.stderr():
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.2)
+        log = server.stderr()
+        assert "scikit-learn==0.20.0" in log
+        assert log.index("loaded in") < log.index("Detected one or more mismatches")
+        assert server.invoke(ONE_ROW).json() == {"predictions": [3.0]}
 
 
 def test_bad_model_exits_3(tmp_path: Path) -> None:
