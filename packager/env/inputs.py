@@ -32,6 +32,7 @@ from packager.env.target import Target
 from packager.errors import MissingWheelError, UnsupportedRequirementError
 from packager.redact import redact_uri
 from packager.spec import LineKind, ModelSpec, RequirementLine
+from packager.spec.model import PYFUNC
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,6 +122,7 @@ def build_inputs(
             found.find_links.append(directory)
         found.local_wheels += [(w.name, hash_file(w)) for w in sorted(directory.glob("*.whl"))]
     model_reqs = _swap_for_skinny(spec, found.requirements) if mlflow_skinny else found.requirements
+    model_reqs += _cloudpickle_pin(spec, model_reqs)
     chosen_index = options.index_url or _with_credentials(found.index_url, options)
     chosen_extras = [_with_credentials(u, options) or u for u in found.extra_index_urls]
     chosen_extras += [u for u in options.extra_index_urls if u not in chosen_extras]
@@ -196,6 +198,22 @@ class _Collector:
             self.no_index = True
         else:
             self.find_links.append(_find_links_dir(self.spec, line))
+
+
+def _cloudpickle_pin(spec: ModelSpec, requirements: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``cloudpickle==`` the version that pickled a PythonModel, unless the model says otherwise.
+
+    MLflow records it in MLmodel; models logged with explicit ``pip_requirements`` often
+    leave it out of requirements.txt, and then any cloudpickle would be locked (MLflow
+    warns at load time when the versions differ; pickles are not guaranteed to load across
+    them).
+    """
+    version = spec.pyfunc.cloudpickle_version
+    if not version or not spec.pyfunc.python_model:
+        return []
+    if any(canonicalize_name(Requirement(text).name) == "cloudpickle" for text, _ in requirements):
+        return []
+    return [(f"cloudpickle=={version}", f"MLmodel flavors.{PYFUNC}.cloudpickle_version")]
 
 
 def _swap_for_skinny(spec: ModelSpec, requirements: list[tuple[str, str]]) -> list[tuple[str, str]]:

@@ -163,3 +163,32 @@ def test_source_trees_cannot_be_locked(tmp_path: Path) -> None:
     )
     with pytest.raises(UnsupportedRequirementError, match="cannot be locked by hash"):
         build_inputs(read_spec(root), AMD, IndexOptions(), ())
+
+
+def _python_model(requirements: str) -> dict[str, str | bytes]:
+    return {"requirements.txt": requirements, "python_model.pkl": b"\x80\x04not-a-real-pickle"}
+
+
+def test_a_python_model_keeps_the_cloudpickle_that_pickled_it(tmp_path: Path) -> None:
+    pyfunc = {
+        "loader_module": "mlflow.pyfunc.model",
+        "python_model": "python_model.pkl",
+        "cloudpickle_version": "3.1.2",
+        "python_version": "3.11.7",
+        "env": {"conda": "conda.yaml", "virtualenv": "python_env.yaml"},
+    }
+    mlmodel = {"mlflow_version": "3.17.2", "flavors": {"python_function": pyfunc}}
+    unpinned = write_model(tmp_path / "a", mlmodel, _python_model("mlflow==3.17.2\npandas\n"))
+    inputs = build_inputs(read_spec(unpinned), AMD, IndexOptions(), ())
+    assert inputs.model_requirements[-1] == (
+        "cloudpickle==3.1.2",
+        "MLmodel flavors.python_function.cloudpickle_version",
+    )
+    # The model's own cloudpickle requirement wins, whatever it says.
+    pinned = write_model(tmp_path / "b", mlmodel, _python_model("mlflow==3.17.2\ncloudpickle>=3\n"))
+    inputs = build_inputs(read_spec(pinned), AMD, IndexOptions(), ())
+    assert [r for r, _ in inputs.model_requirements] == ["mlflow==3.17.2", "cloudpickle>=3"]
+    # A flavor without a pickled PythonModel gets no pin.
+    sklearn = write_model(tmp_path / "c", PYFUNC_SKLEARN)
+    inputs = build_inputs(read_spec(sklearn), AMD, IndexOptions(), ())
+    assert not any(r.startswith("cloudpickle") for r, _ in inputs.model_requirements)
