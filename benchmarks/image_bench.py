@@ -11,7 +11,10 @@ throwaway SQLite registry), each tool starting from empty caches of its own:
   example registers version 2), and a warm OCI rebuild with nothing changed (-o only);
 * how many layers each packager rebuild wrote;
 * image size as the engine reports it;
-* start: `docker run` until /ping answers 200.
+* start: `docker run` until /ping answers 200 (median of 3);
+* what one Dockerfile step costs on this engine: a one-file COPY built without cache on
+  the base and on packager's image (the classic builder commits a container per step, and
+  on some storage drivers, e.g. fuse-overlayfs, a commit walks the whole file tree).
 
 Both tools build on the same base image. No registry can be reached here, so it is built
 from Debian's packages with packager's recipe plus what MLflow's Dockerfile needs (pip,
@@ -28,6 +31,7 @@ import argparse
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -96,6 +100,24 @@ def start_seconds(image: str, port_in_image: int = 8080) -> float:
         raise RuntimeError(f"{image} never answered /ping")
     finally:
         subprocess.run(["docker", "rm", "-f", container], capture_output=True, check=False)
+
+
+def median_start(image: str, runs: int = 3) -> float:
+    return statistics.median(start_seconds(image) for _ in range(runs))
+
+
+def step_seconds(image: str) -> float:
+    """Seconds for the engine to build one step (COPY of a 1-byte file) on top of ``image``."""
+    with tempfile.TemporaryDirectory(prefix="image-bench-step-") as tmp:
+        (Path(tmp) / "one").write_text("1")
+        (Path(tmp) / "Dockerfile").write_text(f"FROM {image}\nCOPY one /one\n")
+        started = time.monotonic()
+        built = subprocess.run(
+            ["docker", "build", "--no-cache", "-q", tmp], capture_output=True, text=True, check=True
+        )
+        seconds = time.monotonic() - started
+        subprocess.run(["docker", "rmi", built.stdout.strip()], capture_output=True, check=False)
+    return seconds
 
 
 def shared_base(python_full: str) -> str:
@@ -205,7 +227,7 @@ def main() -> None:
             oci_env,
         )
         figures["nopyc_size"] = image_size("bench/packager-nopyc:1")
-        figures["nopyc_start"] = start_seconds("bench/packager-nopyc:1")
+        figures["nopyc_start"] = median_start("bench/packager-nopyc:1")
         register(registry)  # version 2: same requirements, new run
         figures["docker_new_version"], _ = packager(
             ["build", v2, "-t", "bench/packager-docker:2", *common], docker_env
@@ -213,7 +235,9 @@ def main() -> None:
         figures["oci_new_version"], oci_v2 = packager(
             ["build", v2, "--backend", "oci", "-o", str(work / "oci"), *common], oci_env
         )
-        figures["packager_start"] = start_seconds("bench/packager-docker:1")
+        figures["packager_start"] = median_start("bench/packager-docker:1")
+        figures["step_on_base"] = step_seconds(BENCH_BASE)
+        figures["step_on_image"] = step_seconds("bench/packager-docker:1")
 
         if not args.skip_mlflow:
             mlflow_env = {**base_env, "PIP_NO_CACHE_DIR": "1"}
@@ -228,7 +252,7 @@ def main() -> None:
                 mlflow_env,
                 cwd=work,
             )
-            figures["mlflow_start"] = start_seconds("bench/mlflow:1")
+            figures["mlflow_start"] = median_start("bench/mlflow:1")
             print(f"base image for both: {BENCH_BASE}, also tagged {alias} for MLflow")
 
     report(figures, warm, oci_v2, oci_built["manifest_digest"], mlflow=not args.skip_mlflow)
@@ -257,6 +281,10 @@ def report(
         ),
         f"oci image digest: {digest}",
         f"packager image, docker run to /ping: {f['packager_start']:.1f} s",
+        (
+            f"engine: one Dockerfile step costs {f['step_on_base']:.1f} s on the base, "
+            f"{f['step_on_image']:.1f} s on packager's image"
+        ),
         (
             f"variants: --mlflow-skinny {f['skinny_size'] / mib:.0f} MiB; --no-bytecode "
             f"{f['nopyc_size'] / mib:.0f} MiB, docker run to /ping {f['nopyc_start']:.1f} s"

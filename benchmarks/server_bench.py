@@ -149,7 +149,8 @@ def load_floor_seconds(model_dir: Path) -> float:
     process = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV
     )
-    assert process.stdout is not None
+    if process.stdout is None:  # for the type checker: stdout is a pipe
+        raise RuntimeError("no pipe to the load_model run")
     line = process.stdout.readline()
     seconds = time.monotonic() - started
     process.kill()
