@@ -235,6 +235,12 @@ def main() -> None:
         figures["oci_new_version"], oci_v2 = packager(
             ["build", v2, "--backend", "oci", "-o", str(work / "oci"), *common], oci_env
         )
+        # The same new version into the engine: only the layers it lacks are sent.
+        figures["oci_new_version_load"], oci_v2_loaded = packager(
+            ["build", v2, "--backend", "oci", "-t", "bench/packager-oci:2", "--load", *common],
+            oci_env,
+        )
+        figures["oci_new_version_layers_loaded"] = oci_v2_loaded["layers_loaded"]
         figures["packager_start"] = median_start("bench/packager-docker:1")
         figures["step_on_base"] = step_seconds(BENCH_BASE)
         figures["step_on_image"] = step_seconds("bench/packager-docker:1")
@@ -278,6 +284,10 @@ def report(
             f"{f['oci_warm']:.2f} s ({warm['layers_written']} layers written), new version "
             f"{f['oci_new_version']:.2f} s ({new_version['layers_written']} of "
             f"{new_version['layers']} layers written), {f['oci_size'] / mib:.0f} MiB"
+        ),
+        (
+            f"packager oci backend, new version with --load: {f['oci_new_version_load']:.2f} s "
+            f"({f['oci_new_version_layers_loaded']:.0f} layers sent to the engine)"
         ),
         f"oci image digest: {digest}",
         f"packager image, docker run to /ping: {f['packager_start']:.1f} s",

@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from packager.cache import ModelCache, default_cache_root
 from packager.env.inputs import IndexOptions, LockInputs, build_inputs
@@ -28,7 +29,13 @@ from packager.progress import Progress
 from packager.reference import parse_reference
 from packager.source import Provenance, RegistryOptions, SourcedModel, fetch_model
 from packager.spec import LineKind, ModelSpec, read_spec
-from packager.stage import BuildPlan, plan_context, wheelhouse_manifest, write_context
+from packager.stage import (
+    LOCK_DIGEST_LABEL,
+    BuildPlan,
+    plan_context,
+    wheelhouse_manifest,
+    write_context,
+)
 from packager.verify import TestReport, verify_image
 
 log = logging.getLogger(__name__)
@@ -439,6 +446,7 @@ class OciBuilt:
     layout: str | None
     archive: str | None
     loaded: bool
+    layers_loaded: int | None  # --load: layers sent to the engine (it had the others)
     pushed: PushedBlobs | None
 
 
@@ -523,8 +531,11 @@ def build_oci_image(
         oci.write_layout(built, outputs.layout, tag=tag)
     if outputs.archive is not None:
         oci.write_docker_archive(built, outputs.archive, tag=tag, epoch=epoch)
+    layers_loaded = None
     if outputs.load and tag is not None:
-        _load(built, tag, epoch)
+        layers_loaded = _load(
+            built, tag, epoch, base_reference=image.base_image, lock_digest=lock_.digest
+        )
     pushed = None
     if outputs.push and tag is not None:
         pushed = push_image(
@@ -548,22 +559,62 @@ def build_oci_image(
         layout=str(outputs.layout) if outputs.layout else None,
         archive=str(outputs.archive) if outputs.archive else None,
         loaded=outputs.load,
+        layers_loaded=layers_loaded,
         pushed=pushed,
     )
 
 
-def _load(built: oci.OciImage, tag: str, epoch: int) -> None:
-    """Load into the engine untagged, check the id, then tag: no tag on a failed load."""
+def _load(
+    built: oci.OciImage, tag: str, epoch: int, *, base_reference: str, lock_digest: str
+) -> int:
+    """Load into the engine untagged, check the id, then tag: no tag on a failed load.
+
+    Layers the engine already has (from the base, the image the tag names now, or an image
+    built from the same lock) are left out of the archive, so a new model version sends
+    only its own layers. If the engine lost one of them meanwhile, the load is retried
+    with every layer.
+    """
     client = engine.connect()
+    omit = _layers_the_engine_has(client, built, base_reference, tag, lock_digest)
     with tempfile.TemporaryDirectory(prefix="packager-load-", dir=built.store.tmp) as tmp:
         archive = Path(tmp) / "image.tar"
-        oci.write_docker_archive(built, archive, tag=None, epoch=epoch)
-        loaded = engine.load(client, archive)
+        oci.write_docker_archive(built, archive, tag=None, epoch=epoch, omit_layers=omit)
+        try:
+            loaded = engine.load(client, archive)
+        except ImageBuildError as err:
+            if not omit:
+                raise
+            log.info("loading again with every layer (%s)", err)
+            omit = frozenset()
+            oci.write_docker_archive(built, archive, tag=None, epoch=epoch)
+            loaded = engine.load(client, archive)
     if built.config_digest not in loaded:
         raise ImageBuildError(
             f"the engine loaded {', '.join(loaded) or 'nothing'}, not {built.config_digest}"
         )
     engine.tag(client, built.config_digest, tag)
+    return len({d for _, d, _ in built.layers} - omit)
+
+
+def _layers_the_engine_has(
+    client: Any, built: oci.OciImage, base_reference: str, tag: str, lock_digest: str
+) -> frozenset[str]:
+    """Digests of the image's leading layers that the engine holds as the same chain."""
+    ours = oci.diff_ids(built)
+    stacks = engine.layer_stacks(
+        client, references=[base_reference, tag], labels={LOCK_DIGEST_LABEL: lock_digest}
+    )
+    shared = 0
+    for stack in stacks:
+        common = 0
+        for mine, theirs in zip(ours, stack, strict=False):
+            if mine != theirs:
+                break
+            common += 1
+        shared = max(shared, common)
+    omitted = frozenset(digest for _, digest, _ in built.layers[:shared])
+    log.debug("the engine has %d of %d layers; sending the others", shared, len(ours))
+    return omitted
 
 
 @dataclass(frozen=True, kw_only=True)

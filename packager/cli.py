@@ -539,6 +539,10 @@ def _build_oci(args: argparse.Namespace) -> int:
             f"{built.tag or '-'} {built.manifest_digest} {built.size_bytes / 2**20:.0f} MiB "
             f"({built.layers_written} of {built.layers} layers written)\n"
         )
+        if built.layers_loaded is not None:
+            sys.stdout.write(
+                f"loaded {built.tag}: {built.layers_loaded} layers sent to the engine\n"
+            )
         if built.pushed is not None:
             sys.stdout.write(f"pushed {built.pushed.pinned}\n")
     return 0

@@ -46,6 +46,8 @@ VENV = "/opt/venv"
 SERVER_DIR = "/opt/packager/server"
 PORT = 8080
 REGISTERED_MODEL_META = "registered_model_meta"
+# Images built from the same lock share their dependency layers (see api._load).
+LOCK_DIGEST_LABEL = "io.packager.lock.digest"
 USER_ID = 10001
 # One definition for both backends (the Dockerfile and the OCI config).
 ENTRYPOINT = ("python", "-m", "packager_server")
@@ -267,7 +269,7 @@ def _labels(spec: ModelSpec, provenance: Provenance, lock: Lock) -> tuple[tuple[
         ("io.packager.model.source", provenance.source or ""),
         ("io.packager.model.digest", provenance.content_digest),
         ("io.packager.registry", provenance.registry_uri or provenance.tracking_uri or ""),
-        ("io.packager.lock.digest", lock.digest),
+        (LOCK_DIGEST_LABEL, lock.digest),
         ("io.packager.version", __version__),
     ]
     return tuple((k, v) for k, v in pairs if v)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -204,15 +204,46 @@ def tag(client: Any, image_id: str, reference: str) -> None:
     client.images.get(image_id).tag(repository, name)
 
 
+def layer_stacks(
+    client: Any, *, references: Sequence[str], labels: dict[str, str]
+) -> list[tuple[str, ...]]:
+    """The layer stacks (``RootFS.Layers``, diff ids) of images the engine holds.
+
+    Those named in ``references`` (missing ones are skipped) and those carrying every label
+    in ``labels``. A stack means the engine has each of its prefixes as a layer chain.
+    """
+    from docker.errors import DockerException  # noqa: PLC0415
+
+    images = []
+    for reference in references:
+        try:
+            images.append(client.images.get(reference))
+        except DockerException:
+            continue
+    if labels:
+        wanted = [f"{key}={value}" for key, value in labels.items()]
+        try:
+            images += client.images.list(filters={"label": wanted})
+        except DockerException as err:
+            log.debug("could not list images by label: %s", err)
+    stacks = []
+    for image in images:
+        layers = (image.attrs.get("RootFS") or {}).get("Layers") or []
+        stacks.append(tuple(str(layer) for layer in layers))
+    return stacks
+
+
 def load(client: Any, archive: Path) -> list[str]:
     """``docker load``: the ids of the images the archive held."""
-    from docker.errors import APIError  # noqa: PLC0415
+    from docker.errors import APIError, ImageLoadError  # noqa: PLC0415
 
     try:
         with archive.open("rb") as data:
             images = client.images.load(data)
     except APIError as err:
         raise ImageBuildError(f"the engine refused to load the image: {err.explanation}") from err
+    except ImageLoadError as err:  # the engine reported an error in its progress stream
+        raise ImageBuildError(f"the engine could not load the image: {err}") from err
     return [str(image.id) for image in images]
 
 

@@ -797,6 +797,12 @@ def _index(image: OciImage, tag: str | None) -> dict[str, Any]:
     return {"schemaVersion": 2, "mediaType": INDEX_MEDIA_TYPE, "manifests": [descriptor]}
 
 
+def diff_ids(image: OciImage) -> list[str]:
+    """The config's ``rootfs.diff_ids``: one per layer, in the order of ``image.layers``."""
+    config = json.loads(image.store.path(image.config_digest).read_bytes())
+    return [str(d) for d in config["rootfs"]["diff_ids"]]
+
+
 def _all_blobs(image: OciImage) -> list[str]:
     """Every blob once (two layers can be the same, e.g. a model without code or artifacts)."""
     digests = [image.manifest_digest, image.config_digest, *(d for _, d, _ in image.layers)]
@@ -804,9 +810,20 @@ def _all_blobs(image: OciImage) -> list[str]:
 
 
 def write_docker_archive(
-    image: OciImage, destination: Path, *, tag: str | None, epoch: int
+    image: OciImage,
+    destination: Path,
+    *,
+    tag: str | None,
+    epoch: int,
+    omit_layers: frozenset[str] = frozenset(),
 ) -> None:
-    """A tar that ``docker load`` reads and that is also an OCI layout."""
+    """A tar that ``docker load`` reads and that is also an OCI layout.
+
+    ``omit_layers``: layer digests left out of the tar (the manifest still names them),
+    for an engine that already has them: ``docker load`` looks a layer up by its chain of
+    diff ids and reads the file only when the layer is missing. Such a tar is for that
+    engine only: it is not a complete OCI layout.
+    """
     tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     manifest = [
         {
@@ -824,7 +841,7 @@ def write_docker_archive(
             ]
             seen: set[str] = set()
             for digest in _all_blobs(image):
-                if digest not in seen:
+                if digest not in seen and digest not in omit_layers:
                     seen.add(digest)
                     name = f"blobs/sha256/{digest.removeprefix('sha256:')}"
                     members.append((name, image.store.path(digest)))

@@ -261,6 +261,58 @@ def test_check_reproducible_and_warm_rebuild(
     assert other["layers_written"] == 1  # the model layer; venv, server, code, artifacts reused
 
 
+def test_load_sends_only_the_layers_the_engine_lacks(
+    registry_env: MlflowServer,
+    base_image: str,
+    docker_client: Any,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from packager.cli import main
+    from packager.image import engine
+
+    first, second = "packager-test/oci-load:2", "packager-test/oci-load:1"
+
+    def build(model: str, tag: str) -> dict[str, Any]:
+        assert main(["build", model, "--backend", "oci", "--base-image", base_image,
+                     "-t", tag, "--load", "--json"]) == 0  # fmt: skip
+        return dict(json.loads(capsys.readouterr().out))
+
+    a = build("models:/sk-cloudpickle/2", first)
+    # The engine has the base, so its layers stay out of the archive.
+    base_layers = len(docker_client.images.get(base_image).attrs["RootFS"]["Layers"])
+    assert 1 <= a["layers_loaded"] <= a["layers"] - base_layers
+    # A new version with the same lock sends only what differs: the model's own layers.
+    b = build("models:/sk-cloudpickle/1", second)
+    assert b["lock_digest"] == a["lock_digest"]
+    assert 1 <= b["layers_loaded"] < a["layers_loaded"]
+    image = docker_client.images.get(second)
+    assert image.id == b["image_id"]
+    stack = tuple(image.attrs["RootFS"]["Layers"])
+    # Complete: the venv it did not send is there, from the engine's own layers.
+    out = docker_client.containers.run(
+        second,
+        entrypoint=["python", "-c", "import mlflow.pyfunc, packager_server; print('ok')"],
+        remove=True,
+    )
+    assert out.strip() == b"ok"
+
+    # The engine no longer has the model's layer but packager believes it does: the load
+    # fails, and is retried with every layer.
+    for tag in (first, second):
+        docker_client.images.remove(tag, force=True)
+    holders = [
+        i.tags for i in docker_client.images.list() if stack[-1] in i.attrs["RootFS"]["Layers"]
+    ]
+    assert not holders, f"other images hold this model's layer: {holders}"
+    monkeypatch.setattr(engine, "layer_stacks", lambda client, **_: [stack])  # noqa: ARG005
+    c = build("models:/sk-cloudpickle/1", second)
+    assert c["image_id"] == b["image_id"]
+    assert c["layers_loaded"] == len(set(stack))
+    assert docker_client.images.get(second).attrs["RootFS"]["Layers"] == list(stack)
+    docker_client.images.remove(second, force=True)
+
+
 def test_oci_refuses_what_it_cannot_do(
     registry_env: MlflowServer, base_image: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
