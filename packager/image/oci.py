@@ -839,12 +839,11 @@ def write_docker_archive(
                 ("index.json", canonical_json(_index(image, tag))),
                 ("manifest.json", canonical_json(manifest)),
             ]
-            seen: set[str] = set()
-            for digest in _all_blobs(image):
-                if digest not in seen and digest not in omit_layers:
-                    seen.add(digest)
-                    name = f"blobs/sha256/{digest.removeprefix('sha256:')}"
-                    members.append((name, image.store.path(digest)))
+            members += [
+                (f"blobs/sha256/{digest.removeprefix('sha256:')}", image.store.path(digest))
+                for digest in _all_blobs(image)  # each blob once
+                if digest not in omit_layers
+            ]
             for name in ("blobs", "blobs/sha256"):
                 info = tarfile.TarInfo(name)
                 info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, epoch
