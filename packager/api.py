@@ -11,7 +11,7 @@ import importlib.util
 import logging
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -600,21 +600,21 @@ def _layers_the_engine_has(
     client: Any, built: oci.OciImage, base_reference: str, tag: str, lock_digest: str
 ) -> frozenset[str]:
     """Digests of the image's leading layers that the engine holds as the same chain."""
-    ours = oci.diff_ids(built)
+    ours = tuple(oci.diff_ids(built))
     stacks = engine.layer_stacks(
         client, references=[base_reference, tag], labels={LOCK_DIGEST_LABEL: lock_digest}
     )
-    shared = 0
-    for stack in stacks:
-        common = 0
-        for mine, theirs in zip(ours, stack, strict=False):
-            if mine != theirs:
-                break
-            common += 1
-        shared = max(shared, common)
+    shared = max((_shared_prefix(ours, stack) for stack in stacks), default=0)
     omitted = frozenset(digest for _, digest, _ in built.layers[:shared])
     log.debug("the engine has %d of %d layers; sending the others", shared, len(ours))
     return omitted
+
+
+def _shared_prefix(a: Sequence[str], b: Sequence[str]) -> int:
+    """How many leading items ``a`` and ``b`` have in common."""
+    return next(
+        (n for n, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -133,7 +133,7 @@ class Supervisor:
         births = dict.fromkeys(self.workers, time.monotonic())
         # Workers are serving: the supervisor is idle, so it runs MLflow's load-time
         # checks now, in its main thread (a thread here could hold a lock across a fork).
-        check_environment(self.config.model_dir)
+        check_environment(self.config.model_dir, self.scorer.model)
         while not self._stopping:
             time.sleep(0.2)
             self._watchdog()
@@ -277,15 +277,14 @@ def load_model(config: ServerConfig) -> tuple[Any, dict[str, str]]:
     }
 
 
-def check_environment(model_dir: Path) -> None:
+def check_environment(model_dir: Path, model: Any) -> None:
     """Log MLflow's own warnings about this environment against the model's needs.
 
     The same checks ``mlflow.pyfunc.load_model`` runs unless ``suppress_warnings``; they
-    only log. They use MLflow internals, so a change there costs the warnings, never the
-    server.
+    only log. ``model`` is the loaded pyfunc model: its ``metadata`` is the parsed MLmodel.
+    They use MLflow internals, so a change there costs the warnings, never the server.
     """
     try:
-        from mlflow.models import Model  # noqa: PLC0415
         from mlflow.pyfunc import (  # noqa: PLC0415
             FLAVOR_NAME,
             PY_VERSION,
@@ -299,7 +298,7 @@ def check_environment(model_dir: Path) -> None:
         warn_dependency_requirement_mismatches(
             _get_pip_requirements_from_model_path(str(model_dir))
         )
-        conf = Model.load(str(model_dir / "MLmodel")).flavors.get(FLAVOR_NAME) or {}
+        conf = model.metadata.flavors.get(FLAVOR_NAME) or {}
         _warn_potentially_incompatible_py_version_if_necessary(  # type: ignore[no-untyped-call]
             model_py_version=conf.get(PY_VERSION)
         )
