@@ -227,6 +227,14 @@ def main() -> None:
             oci_env,
         )
         figures["nopyc_size"] = image_size("bench/packager-nopyc:1")
+        packager(
+            [
+                *("build", v1, "--backend", "oci", "-t", "bench/packager-tests:1", "--load"),
+                *(*common, "--keep-tests", "-o", str(work / "oci-tests")),
+            ],
+            oci_env,
+        )
+        figures["keep_tests_size"] = image_size("bench/packager-tests:1")
         figures["nopyc_start"] = median_start("bench/packager-nopyc:1")
         register(registry)  # version 2: same requirements, new run
         figures["docker_new_version"], _ = packager(
@@ -297,7 +305,8 @@ def report(
         ),
         (
             f"variants: --mlflow-skinny {f['skinny_size'] / mib:.0f} MiB; --no-bytecode "
-            f"{f['nopyc_size'] / mib:.0f} MiB, docker run to /ping {f['nopyc_start']:.1f} s"
+            f"{f['nopyc_size'] / mib:.0f} MiB, docker run to /ping {f['nopyc_start']:.1f} s; "
+            f"--keep-tests {f['keep_tests_size'] / mib:.0f} MiB"
         ),
     ]
     if mlflow:

@@ -225,6 +225,12 @@ def _add_image_commands(
         help="ship no .pyc files: a smaller image that starts slower (by default the "
         "base's Python compiles the dependencies, tests excepted)",
     )
+    image_parent.add_argument(
+        "--keep-tests",
+        action="store_true",
+        help="keep the tests directories that packages ship (removed by default: a "
+        "served model never imports them)",
+    )
 
     generate = commands.add_parser(
         "generate",
@@ -423,6 +429,7 @@ def _image_options(args: argparse.Namespace, python_default: str | None = None) 
         base_image=args.base_image or f"python:{python_default or '3.11'}-slim",
         system_packages=tuple(args.system_package),
         bytecode=args.bytecode,
+        keep_tests=args.keep_tests,
         lock=api.LockOptions(
             mlflow_skinny=args.mlflow_skinny,
             index=IndexOptions.from_environment(

@@ -77,6 +77,7 @@ class BuildPlan:
     system_packages: tuple[str, ...]
     dockerfile: str
     bytecode: bool = True  # /opt/venv ships pycs written by the base's interpreter
+    keep_tests: bool = False  # else the packages' tests directories are removed
 
 
 def plan_context(
@@ -90,6 +91,7 @@ def plan_context(
     system_packages: tuple[str, ...] = (),
     dockerfile: bool = True,
     bytecode: bool = True,
+    keep_tests: bool = False,
 ) -> BuildPlan:
     """The context for ``spec``; ``base_digest`` pins the base in the image's labels.
 
@@ -161,6 +163,7 @@ def plan_context(
         system_packages=system_packages,
         dockerfile="",
         bytecode=bytecode,
+        keep_tests=keep_tests,
     )
     return replace(plan, dockerfile=render_dockerfile(plan)) if dockerfile else plan
 

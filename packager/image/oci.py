@@ -564,6 +564,7 @@ def _dependency_layer(
         file_digest(Path(wheelinstall.__file__)),
         # Bytecode depends on the exact interpreter: the base's layers identify it.
         [layer.diff_id for layer in base.layers] if inputs.plan.bytecode else "no bytecode",
+        "tests kept" if inputs.plan.keep_tests else "tests pruned",
     ]
     comment = f"{VENV}: the locked wheelhouse"
     cached = maker.cached("dependencies", material)
@@ -590,6 +591,7 @@ def _dependency_layer(
                 python=inputs.python,
                 base_python=interpreter,
                 root=root,
+                prune=not inputs.plan.keep_tests,
             )
         except wheelinstall.InstallError as err:
             raise ImageBuildError(f"installing the wheelhouse failed: {err}") from err

@@ -27,6 +27,12 @@ server anyway). Test directories are skipped: the server never imports them, and
 are a third of the bytecode's size. Files that don't compile are left without bytecode,
 as pip does.
 
+``--prune-tests`` removes the ``tests`` directories inside installed packages (pandas,
+scipy, pyarrow, scikit-learn... ship ~50 MB of them). Only directories named exactly
+``tests`` below a top-level package go: ``test`` and ``testing`` are often public API
+(``graphene.test``, ``numpy.testing``), and a top-level ``tests`` package is left alone.
+The packages' RECORD files still list the removed files; nothing reads them at run time.
+
 Manifest format (``wheelhouse.txt``), one wheel per line::
 
     <sha256 hex> <name> <version> <filename> [built]
@@ -138,8 +144,12 @@ def install(
     python: str,
     base_python: str,
     root: Path,
+    prune: bool = False,
 ) -> int:
-    """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build)."""
+    """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build).
+
+    ``prune`` removes the packages' test directories afterwards (:func:`prune_tests`).
+    """
     from installer import install as install_wheel  # noqa: PLC0415 - shipped beside this file
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
     from installer.sources import WheelFile  # noqa: PLC0415
@@ -172,7 +182,33 @@ def install(
                 )
         except (ValueError, OSError, KeyError) as err:  # installer's checks of the wheel
             raise InstallError(f"{path.name} cannot be installed: {err}") from err
+    if prune:
+        prune_tests(site)
     return len(files)
+
+
+def prune_tests(site: Path) -> tuple[int, int]:
+    """Remove every ``tests`` directory inside a package under ``site``.
+
+    Returns (directories removed, bytes freed). Symbolic links are neither followed nor
+    removed as directories (a wheel can't ship one, but a tree could have one).
+    """
+    import shutil  # noqa: PLC0415
+
+    removed = freed = 0
+    for top in sorted(site.iterdir()):
+        if not top.is_dir() or top.is_symlink():
+            continue
+        for where, dirs, _ in os.walk(top):
+            for name in [d for d in dirs if d == "tests"]:
+                path = Path(where) / name
+                if path.is_symlink():
+                    continue
+                freed += sum(f.lstat().st_size for f in path.rglob("*") if not f.is_dir())
+                shutil.rmtree(path)
+                dirs.remove(name)
+                removed += 1
+    return removed, freed
 
 
 # Directories of tests, which a served model never imports.
@@ -278,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--compile", action="store_true", help="then write bytecode with this interpreter"
     )
+    parser.add_argument(
+        "--prune-tests", action="store_true", help="remove the packages' tests directories"
+    )
     args = parser.parse_args(argv)
     base_python = args.base_python
     if base_python == "auto":
@@ -297,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             python=args.python,
             base_python=base_python,
             root=args.root,
+            prune=args.prune_tests,
         )
     except InstallError as err:
         sys.stderr.write(f"wheelinstall: {err}\n")

@@ -245,7 +245,12 @@ def test_an_interrupted_build_leaves_no_tag(
 
 
 # pyfunc-code and abs-wheel-path are built above; these are the other test models.
-PYC_COUNT = "import pathlib; print(sum(1 for _ in pathlib.Path('/opt/venv').rglob('*.pyc')))"
+# How many pycs and how many packages' tests directories /opt/venv holds.
+VENV_PROBE = (
+    "import pathlib; v = pathlib.Path('/opt/venv/lib/python3.11/site-packages'); "
+    "print(sum(1 for _ in v.rglob('*.pyc')), "
+    "sum(1 for p in v.glob('*/**/tests') if p.is_dir()))"
+)
 
 
 @pytest.mark.parametrize(
@@ -269,17 +274,23 @@ def test_every_model_builds_and_serves(  # noqa: PLR0917 - pytest fixtures
     name = model.split("/")[1]
     tag = f"packager-test/{name}:{model.rsplit('/', 1)[1]}"
     # Half the models without bytecode: both variants must serve (and CI time is halved).
+    # One keeps the packages' tests directories, which are removed by default.
     bytecode = name in {"sk-cloudpickle", "private-wheel"}
-    flags = [] if bytecode else ["--no-bytecode"]
+    keep_tests = name == "params-model"
+    flags = [*([] if bytecode else ["--no-bytecode"]), *(["--keep-tests"] if keep_tests else [])]
     code, out = build(capsys, model, "-t", tag, "--base-image", base_image, *flags)
     assert code == 0, out
-    pycs = docker_client.containers.run(
+    probe = docker_client.containers.run(
         tag,
-        entrypoint=["python", "-c", PYC_COUNT],
+        entrypoint=["python", "-c", VENV_PROBE],
         remove=True,
         network_mode="none",
     )
-    assert (int(pycs) > 1000) is bytecode, f"{int(pycs)} pycs in /opt/venv"
+    pycs, tests_dirs = map(int, probe.split())
+    assert (pycs > 1000) is bytecode, f"{pycs} pycs in /opt/venv"
+    # pandas, numpy, scipy, scikit-learn and pyarrow ship dozens of tests directories.
+    assert (tests_dirs > 20) is keep_tests, f"{tests_dirs} tests directories in /opt/venv"
+    assert tests_dirs == 0 or keep_tests
     labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
     assert labels["io.packager.model.name"] == name
     assert labels["org.opencontainers.image.base.name"] == base_image

