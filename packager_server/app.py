@@ -114,6 +114,8 @@ class ScoringApp:
             (b"content-length", str(len(answer.body)).encode()),
             (b"x-request-id", request_id.encode()),
         ]
+        if answer.score_seconds is not None:
+            response_headers.append((b"server-timing", _server_timing(answer)))
         if close:
             response_headers.append((b"connection", b"close"))
         if answer.status == 405:
@@ -279,6 +281,8 @@ class ScoringApp:
                         "bytes": len(answer.body),
                         "request_id": request_id,
                         "route": answer.route,
+                        "score_ms": _milliseconds(answer.score_seconds),
+                        "model_ms": _milliseconds(answer.model_seconds),
                         "worker": self.row,
                     }
                 )
@@ -300,6 +304,18 @@ class ScoringApp:
 
 class _Deadline(BaseException):
     """Raised by SIGALRM inside an inline prediction that overran the timeout."""
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _server_timing(answer: Answer) -> bytes:
+    """W3C Server-Timing: where the time of a scored request went, in milliseconds."""
+    timing = f"score;dur={1000 * (answer.score_seconds or 0.0):.3f}"
+    if answer.model_seconds is not None:
+        timing += f", model;dur={1000 * answer.model_seconds:.3f}"
+    return timing.encode()
 
 
 def _too_large(limit: int) -> Answer:

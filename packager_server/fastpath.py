@@ -27,6 +27,7 @@ import inspect
 import json
 import logging
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from io import StringIO
@@ -162,19 +163,22 @@ class FastPath:
             return None
         return FastRequest(frame=self._frame(rows), params=params)
 
-    def predict(self, request: FastRequest) -> bytes:
-        """Run the model as PyFuncModel does after enforcement; MLflow's JSON output."""
+    def predict(self, request: FastRequest) -> tuple[bytes, float]:
+        """Run the model as PyFuncModel does after enforcement: MLflow's JSON output, and
+        the seconds spent in the model's own predict."""
         from mlflow.models.utils import _enforce_params_schema  # noqa: PLC0415
         from mlflow.pyfunc.scoring_server import predictions_to_json  # noqa: PLC0415
 
         params = _enforce_params_schema(request.params, self._params_schema)
+        started = time.perf_counter()
         if self._passes_params:
             raw = self._predict_fn(request.frame, params=params)
         else:
             raw = self._predict_fn(request.frame)
+        model_seconds = time.perf_counter() - started
         out = StringIO()
         predictions_to_json(raw, out)  # type: ignore[no-untyped-call]
-        return out.getvalue().encode()
+        return out.getvalue().encode(), model_seconds
 
     # -- helpers ----------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +34,10 @@ class Answer:
     body: bytes
     route: str = "-"  # "fast" or "exact" for /invocations answers, for the access log
     content_type: str = JSON
+    # Seconds spent scoring (parsing, schema, model, JSON), and in the model's own predict
+    # when packager called it (the fast path): the Server-Timing header and the access log.
+    score_seconds: float | None = None
+    model_seconds: float | None = None
 
 
 def error_answer(status: int, code: str, message: str) -> Answer:
@@ -58,14 +63,24 @@ class Scorer:
                 "missing Content-Type header: send "
                 "application/json, text/csv or application/vnd.apache.parquet",
             )
+        started = time.perf_counter()
         if self.fast is not None:
             request = self.fast.parse(body, content_type)
             if request is not None:
                 try:
-                    return Answer(status=200, body=self.fast.predict(request), route="fast")
+                    predictions, model_seconds = self.fast.predict(request)
                 except Exception:
                     log.debug("fast path failed; answering through MLflow's path", exc_info=True)
-        return replace(self._exact(body, content_type), route="exact")
+                else:
+                    return Answer(
+                        status=200,
+                        body=predictions,
+                        route="fast",
+                        score_seconds=time.perf_counter() - started,
+                        model_seconds=model_seconds,
+                    )
+        answer = self._exact(body, content_type)
+        return replace(answer, route="exact", score_seconds=time.perf_counter() - started)
 
     def _exact(self, body: bytes, content_type: str) -> Answer:
         from mlflow.exceptions import MlflowException  # noqa: PLC0415

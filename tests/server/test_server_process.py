@@ -173,6 +173,14 @@ def test_request_ids_access_log_and_metrics(server_models: Path, tmp_path: Path)
             {"Content-Type": "application/json", "X-Request-ID": "abc-123"},
         )
         assert answer.headers["x-request-id"] == "abc-123"
+        # Server-Timing: the whole scoring, and the model's own predict on the fast path.
+        timings = _server_timing(answer.headers["server-timing"])
+        assert set(timings) == {"score", "model"}
+        assert 0 < timings["model"] <= timings["score"]
+        through_mlflow = server.invoke("x\n1.5\n", "text/csv")  # CSV: MLflow's own path
+        assert through_mlflow.status == 200
+        assert set(_server_timing(through_mlflow.headers["server-timing"])) == {"score"}
+        assert "server-timing" not in server.request("GET", "/ping").headers
         generated = server.invoke(ONE_ROW).headers["x-request-id"]
         assert len(generated) == 32
         for _ in range(6):
@@ -183,15 +191,28 @@ def test_request_ids_access_log_and_metrics(server_models: Path, tmp_path: Path)
         assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
         text = metrics.body.decode()
         labels = 'model="sleepy",version="7",path="/invocations"'
-        assert f'packager_requests_total{{{labels},status="200"}} 8' in text
+        assert f'packager_requests_total{{{labels},status="200"}} 9' in text
         assert f'packager_requests_total{{{labels},status="400"}} 1' in text
-        assert f'packager_request_duration_seconds_count{{{labels},status="200"}} 8' in text
+        assert f'packager_request_duration_seconds_count{{{labels},status="200"}} 9' in text
         assert 'packager_workers{model="sleepy",version="7"} 2' in text
     lines = [json.loads(line) for line in server.stdout().splitlines() if line.strip()]
     first = next(entry for entry in lines if entry["request_id"] == "abc-123")
     assert (first["method"], first["path"], first["status"]) == ("POST", "/invocations", 200)
     assert first["route"] == "fast"
+    assert 0 < first["model_ms"] <= first["score_ms"]
+    csv = next(entry for entry in lines if entry["route"] == "exact" and entry["status"] == 200)
+    assert csv["model_ms"] is None
+    assert csv["score_ms"] > 0
     assert {entry["worker"] for entry in lines} <= {0, 1}
+
+
+def _server_timing(header: str) -> dict[str, float]:
+    """``score;dur=1.2, model;dur=0.9`` as {"score": 1.2, "model": 0.9}."""
+    timings = {}
+    for metric in header.split(","):
+        name, _, duration = metric.strip().partition(";dur=")
+        timings[name] = float(duration)
+    return timings
 
 
 def test_errors_are_json_and_never_echo_data(server_models: Path, tmp_path: Path) -> None:
