@@ -345,7 +345,9 @@ def build_image(
     client = engine.connect()
     ref = parse_reference(reference, cwd=cwd or Path.cwd())
     sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
-    base = _check_base(client, image.base_image, read_spec(sourced.path, sourced.files))
+    base = _check_base(
+        client, image.base_image, read_spec(sourced.path, sourced.files), image.lock.platform
+    )
     with tempfile.TemporaryDirectory(prefix="packager-context-") as tmp:
         context = generate_context(
             reference,
@@ -398,9 +400,15 @@ def _build_with_retry(client: object, context: Path, on_log: Callable[[str], Non
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _check_base(client: object, base: str, spec: ModelSpec) -> engine.BaseInfo:
-    """The base image's id and digest; refuses a base whose Python differs from the model's."""
+def _check_base(client: object, base: str, spec: ModelSpec, platform: str) -> engine.BaseInfo:
+    """The base image's id and digest; refuses a base whose Python differs from the model's,
+    or that is built for another platform than the image (the lock's wheels are for it)."""
     found = engine.base_python(client, base)
+    if found.platform and found.platform != platform:
+        raise UsageError(
+            f"the base image {base} is for {found.platform}, the image is for {platform}",
+            hint=f"pass --platform {found.platform}, or a base image built for {platform}",
+        )
     if found.python is not None and found.python != spec.python_minor:
         raise UsageError(
             f"the base image {base} has Python {found.python}, the model needs {spec.python_minor}",
@@ -490,6 +498,12 @@ def build_oci_image(
             "--system-package needs apt inside the image, which only the Docker backend runs",
             hint="use --backend docker, or a base image that already has the packages",
         )
+    # The base first: a base for another platform is refused before locking for this one.
+    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
+    base = oci.load_base(
+        image.base_image, store, client_factory=engine.connect, platform=image.lock.platform
+    )
+    oci.check_platform(base, image.lock.platform)
     report = lock_model(
         reference,
         replace(image.lock, download=True),
@@ -502,10 +516,6 @@ def build_oci_image(
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
     lock_ = report.result.lock
-    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
-    base = oci.load_base(
-        image.base_image, store, client_factory=engine.connect, platform=lock_.target.platform
-    )
     plan = plan_context(
         report.spec,
         report.provenance,

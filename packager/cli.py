@@ -214,6 +214,13 @@ def _add_image_commands(
     )
     image_parent.add_argument("--wheel-dir", type=Path, action="append", default=[])
     image_parent.add_argument(
+        "--platform",
+        default="linux/amd64",
+        choices=["linux/amd64", "linux/arm64"],
+        help="the image's platform: the lock's wheels are for it, and the base image must be "
+        "built for it (default: linux/amd64)",
+    )
+    image_parent.add_argument(
         "--mlflow-skinny",
         action="store_true",
         help="swap mlflow for mlflow-skinny (see `packager lock`)",
@@ -432,6 +439,7 @@ def _image_options(args: argparse.Namespace, python_default: str | None = None) 
         keep_tests=args.keep_tests,
         lock=api.LockOptions(
             mlflow_skinny=args.mlflow_skinny,
+            platform=args.platform,
             index=IndexOptions.from_environment(
                 wheel_dirs=tuple(d.resolve() for d in args.wheel_dir)
             ),

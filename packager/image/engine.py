@@ -149,6 +149,7 @@ class BaseInfo:
     image_id: str
     python: str | None  # major.minor, when it can be told
     digest: str = ""  # the registry digest it was pulled by, else its image id
+    platform: str = ""  # "os/architecture" from the image's config, when it says
 
 
 def image_digest(image: Any) -> str:
@@ -177,12 +178,14 @@ def base_python(client: Any, reference: str) -> BaseInfo:
     config = image.attrs.get("Config") or {}
     labels = config.get("Labels") or {}
     digest = image_digest(image)
+    os_name, arch = image.attrs.get("Os"), image.attrs.get("Architecture")
+    platform = f"{os_name}/{arch}" if os_name and arch else ""
     if labels.get("io.packager.base.python"):
-        return BaseInfo(str(image.id), str(labels["io.packager.base.python"]), digest)
+        return BaseInfo(str(image.id), str(labels["io.packager.base.python"]), digest, platform)
     for entry in config.get("Env") or []:
         if entry.startswith("PYTHON_VERSION="):  # the official python images
             minor = ".".join(entry.split("=", 1)[1].split(".")[:2])
-            return BaseInfo(str(image.id), minor, digest)
+            return BaseInfo(str(image.id), minor, digest, platform)
     try:
         out = client.containers.run(
             image.id,
@@ -194,7 +197,7 @@ def base_python(client: Any, reference: str) -> BaseInfo:
             f"the base image {reference} has no python3 that runs",
             hint="use a base image with Python",
         ) from err
-    return BaseInfo(str(image.id), out.decode().strip(), digest)
+    return BaseInfo(str(image.id), out.decode().strip(), digest, platform)
 
 
 def tag(client: Any, image_id: str, reference: str) -> None:

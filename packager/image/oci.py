@@ -475,14 +475,20 @@ class OciImage:
     store: BlobStore
 
 
+def check_platform(base: Base, platform: str) -> None:
+    """Refuse a base built for another platform than the image's."""
+    architecture, _ = _PLATFORMS[platform]
+    if base.config.get("architecture", architecture) != architecture:
+        theirs = f"{base.config.get('os', 'linux')}/{base.config.get('architecture')}"
+        raise UsageError(
+            f"the base image {base.reference} is for {theirs}, the image is for {platform}",
+            hint=f"pass --platform {theirs}, or a base image built for {platform}",
+        )
+
+
 def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
     architecture, variant = _PLATFORMS[inputs.platform]
-    if base.config.get("architecture", architecture) != architecture:
-        raise UsageError(
-            f"the base image {base.reference} is for {base.config.get('architecture')}, "
-            f"the image is for {inputs.platform}",
-            hint="use a base image built for the target platform",
-        )
+    check_platform(base, inputs.platform)
     if inputs.plan.system_packages:
         raise UsageError(
             "--system-package needs apt inside the image, which only the Docker backend runs",

@@ -150,6 +150,30 @@ def test_base_with_another_python_is_refused_before_building(
     assert "packager base build --python 3.12" in out["error"]["hint"]
 
 
+def test_base_for_another_platform_is_refused_before_building(
+    base_image: str,
+    tmp_path: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    docker_client: Any,
+) -> None:
+    model = write_model(tmp_path / "model", PYFUNC_SKLEARN, {"requirements.txt": "six==1.17.0\n"})
+    native = docker_client.images.get(base_image).attrs["Architecture"]
+    other = "arm64" if native == "amd64" else "amd64"
+    images_before = {image.id for image in docker_client.images.list(all=True)}
+    layout = tmp_path / "layout"
+    for backend in (["-t", "packager-test/never:1"], ["--backend", "oci", "-o", str(layout)]):
+        code, out = build(
+            capsys, str(model), *backend, "--base-image", base_image, "--platform", f"linux/{other}"
+        )
+        assert code == 2, out
+        message = f"is for linux/{native}, the image is for linux/{other}"
+        assert message in out["error"]["message"]
+        assert f"--platform linux/{native}" in out["error"]["hint"]
+    assert not layout.exists()
+    assert {image.id for image in docker_client.images.list(all=True)} == images_before
+
+
 def test_base_build_is_reproducible(base_image: str, docker_client: Any) -> None:
     """A second mmdebstrap run of the recipe gives the same image id, not just the same
     files: no time from the clock in the image config (docker import would add one)."""

@@ -68,3 +68,28 @@ def test_debug_shows_the_traceback(tmp_path: Path, capsys: pytest.CaptureFixture
     root = write_model(tmp_path / "model", "flavors: [")
     assert main(["inspect", str(root), "--debug"]) == 5
     assert "Traceback" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["build", "generate"])
+def test_image_flags_reach_the_options(command: str) -> None:
+    from packager import cli
+
+    extra = ["-o", "out"] if command == "generate" else []
+    args = cli._build_parser().parse_args(
+        [command, "m", *extra, "--platform", "linux/arm64", "--keep-tests", "--no-bytecode"]
+    )
+    options = cli._image_options(args)
+    assert options.lock.platform == "linux/arm64"
+    assert options.keep_tests
+    assert not options.bytecode
+    defaults = cli._image_options(cli._build_parser().parse_args([command, "m", *extra]))
+    assert (defaults.lock.platform, defaults.keep_tests, defaults.bytecode) == (
+        "linux/amd64",
+        False,
+        True,
+    )
+
+
+def test_an_unknown_platform_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["build", "m", "--platform", "windows/amd64"]) == 2
+    assert "invalid choice: 'windows/amd64'" in capsys.readouterr().err
