@@ -597,10 +597,14 @@ def _dependency_layer(
                 python=inputs.python,
                 base_python=interpreter,
                 root=root,
-                prune=not inputs.plan.keep_tests,
             )
         except wheelinstall.InstallError as err:
             raise ImageBuildError(f"installing the wheelhouse failed: {err}") from err
+        if not inputs.plan.keep_tests:
+            removed, freed = wheelinstall.prune_tests(
+                wheelinstall.site_packages(root / VENV.lstrip("/"), inputs.python)
+            )
+            log.info("removed %d tests directories (%.1f MiB)", removed, freed / 2**20)
         if inputs.plan.bytecode:
             _write_bytecode(root, inputs.python, interpreter, base, store)
         entries = entries_from_tree(root / VENV.lstrip("/"), VENV)

@@ -144,12 +144,8 @@ def install(
     python: str,
     base_python: str,
     root: Path,
-    prune: bool = False,
 ) -> int:
-    """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build).
-
-    ``prune`` removes the packages' test directories afterwards (:func:`prune_tests`).
-    """
+    """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build)."""
     from installer import install as install_wheel  # noqa: PLC0415 - shipped beside this file
     from installer.destinations import SchemeDictionaryDestination  # noqa: PLC0415
     from installer.sources import WheelFile  # noqa: PLC0415
@@ -182,8 +178,6 @@ def install(
                 )
         except (ValueError, OSError, KeyError) as err:  # installer's checks of the wheel
             raise InstallError(f"{path.name} cannot be installed: {err}") from err
-    if prune:
-        prune_tests(site)
     return len(files)
 
 
@@ -336,12 +330,16 @@ def main(argv: list[str] | None = None) -> int:
             python=args.python,
             base_python=base_python,
             root=args.root,
-            prune=args.prune_tests,
         )
     except InstallError as err:
         sys.stderr.write(f"wheelinstall: {err}\n")
         return 1
     sys.stdout.write(f"wheelinstall: installed {count} wheels into {args.venv}\n")
+    if args.prune_tests:
+        removed, freed = prune_tests(site_packages(args.root / args.venv.lstrip("/"), args.python))
+        sys.stdout.write(
+            f"wheelinstall: removed {removed} tests directories ({freed / 2**20:.1f} MiB)\n"
+        )
     if args.compile:
         site = site_packages(args.root / args.venv.lstrip("/"), args.python)
         try:
