@@ -335,13 +335,13 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"wheelinstall: {err}\n")
         return 1
     sys.stdout.write(f"wheelinstall: installed {count} wheels into {args.venv}\n")
+    site = site_packages(args.root / args.venv.lstrip("/"), args.python)
     if args.prune_tests:
-        removed, freed = prune_tests(site_packages(args.root / args.venv.lstrip("/"), args.python))
+        removed, freed = prune_tests(site)
         sys.stdout.write(
             f"wheelinstall: removed {removed} tests directories ({freed / 2**20:.1f} MiB)\n"
         )
     if args.compile:
-        site = site_packages(args.root / args.venv.lstrip("/"), args.python)
         try:
             compile_in_parallel(
                 sorted(site.iterdir()),
