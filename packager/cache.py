@@ -194,9 +194,13 @@ class ModelCache:
     def _intact(model_dir: Path, files: tuple[FileEntry, ...]) -> bool:
         # Sizes, not hashes: cheap enough for every lookup, and catches truncation and
         # deleted files. A full re-hash is what `store` does on the way in.
+        # A file must also still be inside the object: a link planted in the cache must not
+        # take a build outside it (walk_files applies the same rule on the way in).
+        top = os.path.realpath(model_dir) + os.sep
         for entry in files:
+            path = model_dir / entry.path
             try:
-                if (model_dir / entry.path).stat().st_size != entry.size:
+                if path.stat().st_size != entry.size or not os.path.realpath(path).startswith(top):
                     return False
             except OSError:
                 return False

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from packager.cache import ModelCache
-from packager.digest import FileEntry, manifest, tree_digest
+from packager.digest import FileEntry, LinkPolicy, manifest, tree_digest
 from packager.errors import (
     DownloadError,
     ModelFormatError,
@@ -37,6 +37,7 @@ from packager.errors import (
 from packager.progress import NullProgress, Progress
 from packager.redact import redact_uri, scrub
 from packager.reference import ModelReference, RefKind
+from packager.render import value_problem
 
 log = logging.getLogger(__name__)
 
@@ -44,14 +45,18 @@ T = TypeVar("T")
 _PROBE_TIMEOUT_SECONDS = 5.0
 _DOWNLOAD_THREADS = 4
 _LISTED_NAMES = 20
+# The longest registered model name MLflow's SQL store holds (its `name` column).
+MAX_NAME_LENGTH = 256
 
 
 @dataclass(frozen=True, kw_only=True)
 class RegistryOptions:
-    """Where to look. ``None`` falls back to MLflow's environment variables."""
+    """Where to look (``None`` falls back to MLflow's environment variables), and what a
+    local model directory may contain (see :func:`packager.digest.walk_files`)."""
 
     tracking_uri: str | None = None
     registry_uri: str | None = None
+    outside_links: LinkPolicy = "error"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -109,9 +114,9 @@ def fetch_model(
     progress: Progress | None = None,
 ) -> SourcedModel:
     """Resolve ``ref`` and return its files, downloading them unless already cached."""
-    if ref.kind is RefKind.LOCAL:
-        return _local_model(ref)
     options = options or RegistryOptions()
+    if ref.kind is RefKind.LOCAL:
+        return _local_model(ref, options.outside_links)
     tracking_uri = options.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     if not tracking_uri:
         raise UsageError(
@@ -191,7 +196,7 @@ def _provenance_from_record(record: dict[str, object], ref: ModelReference) -> P
 # -- local directories ----------------------------------------------------------------
 
 
-def _local_model(ref: ModelReference) -> SourcedModel:
+def _local_model(ref: ModelReference, outside_links: LinkPolicy) -> SourcedModel:
     assert ref.local_path is not None  # set by parse_reference for LOCAL  # noqa: S101
     path = ref.local_path
     if not (path / "MLmodel").is_file():
@@ -200,7 +205,7 @@ def _local_model(ref: ModelReference) -> SourcedModel:
             hint="pass the directory mlflow.<flavor>.save_model wrote, or download the model "
             "with `mlflow artifacts download`",
         )
-    files = manifest(path)
+    files = manifest(path, outside_links=outside_links)
     meta = _registered_model_meta(path)
     provenance = Provenance(
         reference=ref.raw,
@@ -219,20 +224,40 @@ def _local_model(ref: ModelReference) -> SourcedModel:
 
 
 def _registered_model_meta(path: Path) -> dict[str, str]:
-    """MLflow writes ``registered_model_meta`` when it downloads a models:/ URI."""
+    """MLflow writes ``registered_model_meta`` when it downloads a models:/ URI.
+
+    Its values become image labels and the server's model name, so they are held to what a
+    registry allows: one line of UTF-8, at most :data:`MAX_NAME_LENGTH` characters.
+    """
+    meta = path / "registered_model_meta"
     try:
-        data = yaml.safe_load((path / "registered_model_meta").read_text())
+        data = yaml.safe_load(meta.read_bytes().decode("utf-8"))
     except (OSError, yaml.YAMLError):
         return {}
+    except UnicodeDecodeError as err:
+        raise ModelFormatError(
+            f"{meta} is not UTF-8 text (byte {err.start}: {err.reason})",
+            hint="rewrite the file as UTF-8 YAML with model_name and model_version, or delete it",
+        ) from err
     if not isinstance(data, dict):
         return {}
-    return {k: str(v) for k, v in data.items() if k in ("model_name", "model_version")}
+    found = {k: str(v) for k, v in data.items() if k in ("model_name", "model_version")}
+    for key, value in found.items():
+        problem = value_problem(value, MAX_NAME_LENGTH)
+        if problem:
+            raise ModelFormatError(
+                f"{meta}: {key} {problem}",
+                hint="a registered model's name is one line of at most "
+                f"{MAX_NAME_LENGTH} characters; fix or delete the file",
+            )
+    return found
 
 
 def _with_content(provenance: Provenance, path: Path, digest: str) -> Provenance:
     mlflow_version = None
-    with contextlib.suppress(OSError, yaml.YAMLError, AttributeError):
-        data = yaml.safe_load((path / "MLmodel").read_text())
+    # A damaged MLmodel is read_spec's to report, with the file and the reason.
+    with contextlib.suppress(OSError, ValueError, yaml.YAMLError, AttributeError):
+        data = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8"))
         mlflow_version = str(data["mlflow_version"]) if data.get("mlflow_version") else None
     return replace(provenance, content_digest=digest, mlflow_version=mlflow_version)
 
