@@ -9,8 +9,8 @@ characters (newlines) that would let a value escape its line.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import shlex
+import unicodedata
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
 
@@ -24,10 +24,23 @@ class TemplateValueError(ValueError):
     """A value cannot be placed safely into a template."""
 
 
+def value_problem(value: str, max_length: int | None = None) -> str | None:
+    """What makes ``value`` unfit to be one line of a template (a label, an ENV value, a
+    name in a log line), or None: a control character (a line break ends the instruction,
+    and forges log lines), or more than ``max_length`` characters."""
+    if max_length is not None and len(value) > max_length:
+        return f"is {len(value)} characters long (at most {max_length})"
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cs")), None)
+    if bad is not None:
+        return f"contains the control character {bad!r}"
+    return None
+
+
 def _one_line(value: object) -> str:
     text = str(value)
-    if "\n" in text or "\r" in text or "\0" in text:
-        raise TemplateValueError(f"value {text[:40]!r}… contains a line break or NUL")
+    problem = value_problem(text)
+    if problem:
+        raise TemplateValueError(f"value {text[:40]!r}… {problem}")
     return text
 
 
@@ -37,8 +50,12 @@ def shell_quote(value: object) -> str:
 
 
 def docker_value(value: object) -> str:
-    """Quote for a Dockerfile ENV/LABEL value: a JSON string, which Docker parses alike."""
-    return json.dumps(_one_line(value))
+    """Quote for a Dockerfile ENV/LABEL key or value so that the engine reads it back
+    byte for byte: single quotes, where Docker's word parser expands no ``$VAR`` and
+    interprets no backslash (a JSON string was still expanded, and its ``\u00e9``
+    escapes were kept literally); a quote inside closes, escapes and reopens (``'\''``).
+    UTF-8 is written as it is."""
+    return "'" + _one_line(value).replace("'", "'\\''") + "'"
 
 
 def _loader(name: str) -> str:

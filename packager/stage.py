@@ -23,23 +23,28 @@ its token).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import yaml
 
 import packager_server
 from packager import __version__
-from packager.digest import walk_files
 from packager.env.lock import Lock
 from packager.env.wheelhouse import Wheelhouse
+from packager.errors import ModelFormatError
 from packager.redact import redact_uris_in
-from packager.render import render
-from packager.source import Provenance
+from packager.reference import RefKind
+from packager.render import render, value_problem
+from packager.source import MAX_NAME_LENGTH, Provenance
 from packager.spec import ModelSpec
 from packager.spec.environment import ENV_FILE_NAMES
+
+log = logging.getLogger(__name__)
 
 MODEL_DIR = "/opt/model"
 VENV = "/opt/venv"
@@ -49,6 +54,8 @@ REGISTERED_MODEL_META = "registered_model_meta"
 # Images built from the same lock share their dependency layers (see api._load).
 LOCK_DIGEST_LABEL = "io.packager.lock.digest"
 USER_ID = 10001
+# One label value's limit: every label shares one Dockerfile line, which Docker caps at 64 KiB.
+MAX_LABEL_LENGTH = 2048
 # One definition for both backends (the Dockerfile and the OCI config).
 ENTRYPOINT = ("python", "-m", "packager_server")
 HEALTHCHECK = (
@@ -63,6 +70,9 @@ class ContextFile:
     destination: str  # relative to the build context
     source: Path | None = None
     content: bytes | None = None
+    # Readable only by root in the image (the source kept it from "others"): see
+    # _private_files. Else the mode is normal_mode() of the source's.
+    private: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -106,23 +116,30 @@ def plan_context(
     ]
     code_prefix = f"{spec.pyfunc.code}/" if spec.pyfunc.code else None
     artifact_prefixes = tuple(f"{a.path.rstrip('/')}" for a in spec.artifacts)
-    for path in walk_files(spec.path):
-        if "__pycache__" in path.parts:
-            continue
-        relative = path.relative_to(spec.path).as_posix()
-        if relative == REGISTERED_MODEL_META:
-            continue  # written below, from the provenance
+    scrubbed = spec.requirement_files | ENV_FILE_NAMES.keys()
+    kept_private = _private_files(spec)
+    # spec.files is the source stage's one walk of the model (links resolved, nothing from
+    # outside it): the same list the content digest covers is the list that ships.
+    for entry in spec.files:
+        relative = entry.path
+        if "__pycache__" in relative.split("/") or relative == REGISTERED_MODEL_META:
+            continue  # REGISTERED_MODEL_META is written below, from the provenance
+        # The file itself, not a link to it (walk_files checked that it is in the model):
+        # a link would reach the build context, and COPY, as a link.
+        path = Path(os.path.realpath(spec.path / relative))
+        private = relative in kept_private
         if code_prefix and relative.startswith(code_prefix):
-            files.append(ContextFile(destination=f"model-code/{relative}", source=path))
+            destination = f"model-code/{relative}"
         elif any(relative == p or relative.startswith(p + "/") for p in artifact_prefixes):
-            files.append(ContextFile(destination=f"model-artifacts/{relative}", source=path))
-        elif relative in ENV_FILE_NAMES:
-            text = path.read_text(encoding="utf-8", errors="replace")
-            files.append(
-                ContextFile(destination=f"model/{relative}", content=redact_uris_in(text).encode())
-            )
+            destination = f"model-artifacts/{relative}"
         else:
-            files.append(ContextFile(destination=f"model/{relative}", source=path))
+            destination = f"model/{relative}"
+        if relative in scrubbed:
+            text = path.read_bytes().decode("utf-8", errors="replace")
+            content = redact_uris_in(text).encode()
+            files.append(ContextFile(destination=destination, content=content, private=private))
+        else:
+            files.append(ContextFile(destination=destination, source=path, private=private))
     # The server names the model in /version and metrics from this file (MLflow writes
     # it when it downloads a models:/ URI). A file, not ENV, so that everything which
     # changes with the version sits in the model's own layer: the steps before it stay
@@ -141,10 +158,7 @@ def plan_context(
     )
     if base_digest is None and "@sha256:" in base_image:
         base_digest = base_image.rsplit("@", 1)[1]
-    base_labels = [("org.opencontainers.image.base.name", base_image)]
-    if base_digest:
-        base_labels.append(("org.opencontainers.image.base.digest", base_digest))
-    labels = (*_labels(spec, provenance, lock), *base_labels)
+    labels = (*_labels(spec, provenance, lock), *_base_labels(base_image, base_digest))
     environment = (
         ("PATH", f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
         ("PYTHONPATH", SERVER_DIR),
@@ -208,17 +222,19 @@ def write_context(plan: BuildPlan, directory: Path) -> None:
     for item in plan.files:
         target = directory / item.destination
         target.parent.mkdir(parents=True, exist_ok=True)
+        mode = 0o644
         if item.content is not None:
             target.write_bytes(item.content)
         elif item.source is not None:
-            if item.source.stat().st_mode & 0o777 == normal_mode(item.source.stat().st_mode):
+            mode = item.source.stat().st_mode  # the source's: copyfile keeps no mode
+            if not item.private and mode & 0o777 == normal_mode(mode):
                 try:  # wheels are large and immutable in the cache: link, don't copy
                     os.link(item.source, target)
                     continue
                 except OSError:
                     pass
             shutil.copyfile(item.source, target)
-        target.chmod(normal_mode(target.stat().st_mode))
+        target.chmod(normal_mode(mode, private=item.private))
     for folder in ("model-code", "model-artifacts"):
         (directory / folder).mkdir(exist_ok=True)  # COPY needs the folder, even empty
     (directory / "Dockerfile").chmod(0o644)
@@ -226,9 +242,34 @@ def write_context(plan: BuildPlan, directory: Path) -> None:
         Path(folder).chmod(0o755)
 
 
-def normal_mode(mode: int) -> int:
-    """0755 for anything executable by someone, 0644 otherwise (what image layers get)."""
+def normal_mode(mode: int, *, private: bool = False) -> int:
+    """0755 for anything executable by someone, 0644 otherwise (what image layers get);
+    0700 and 0600 for a private file."""
+    if private:
+        return 0o700 if mode & 0o111 else 0o600
     return 0o755 if mode & 0o111 else 0o644
+
+
+def _private_files(spec: ModelSpec) -> frozenset[str]:
+    """Files the source deliberately keeps from "others": not readable by them while the
+    model's MLmodel is. The image keeps them unreadable to its server user (who is "other"
+    to every root-owned file), so a build never widens who may read a secret-like file.
+    When MLmodel itself is not readable by others, the whole tree follows one restrictive
+    umask (077), which says nothing about single files: every file is shipped readable."""
+    mlmodel = next((e for e in spec.files if e.path == "MLmodel"), None)
+    if mlmodel is None or not mlmodel.public:
+        return frozenset()
+    private = frozenset(e.path for e in spec.files if not e.public)
+    for path in sorted(private):
+        log.warning(
+            "%s is not readable by others in the model directory: the image keeps it "
+            "readable only by root, so the server (uid %d) cannot read it. Its bytes are "
+            "still in the image; remove it from the model if it is a secret, or make it "
+            "readable (chmod o+r) if the model needs it",
+            path,
+            USER_ID,
+        )
+    return private
 
 
 def _tool_files() -> list[ContextFile]:
@@ -256,12 +297,26 @@ def _server_files() -> list[ContextFile]:
 
 
 def _labels(spec: ModelSpec, provenance: Provenance, lock: Lock) -> tuple[tuple[str, str], ...]:
+    """The image's labels: location-free, so the same model, lock and base give the same
+    labels (and OCI digest) on every machine and in every directory. A local model is
+    identified by its content digest; the directory it was read from, and a local-file
+    registry's path, are in ``--json`` only."""
     name = provenance.model_name or spec.path.name
+    problem = value_problem(name, MAX_NAME_LENGTH)
+    if problem:
+        raise ModelFormatError(
+            f"the model name {name[:60]!r}… {problem}",
+            hint="register the model under a name of one line of at most "
+            f"{MAX_NAME_LENGTH} characters (or rename the model directory)",
+        )
+    local = provenance.reached_through is RefKind.LOCAL
+    source = "" if local else provenance.source or ""
+    registry = _location_free(provenance.registry_uri or provenance.tracking_uri or "")
     pairs = [
         ("org.opencontainers.image.title", f"{name} (MLflow model)"),
         ("org.opencontainers.image.version", provenance.model_version or ""),
         ("org.opencontainers.image.revision", provenance.run_id or ""),
-        ("org.opencontainers.image.source", provenance.source or ""),
+        ("org.opencontainers.image.source", source),
         (
             "org.opencontainers.image.description",
             f"MLflow model {name} served by packager_server {packager_server.__version__}",
@@ -269,10 +324,39 @@ def _labels(spec: ModelSpec, provenance: Provenance, lock: Lock) -> tuple[tuple[
         ("io.packager.model.name", name),
         ("io.packager.model.version", provenance.model_version or ""),
         ("io.packager.model.run-id", provenance.run_id or ""),
-        ("io.packager.model.source", provenance.source or ""),
+        ("io.packager.model.source", source),
         ("io.packager.model.digest", provenance.content_digest),
-        ("io.packager.registry", provenance.registry_uri or provenance.tracking_uri or ""),
+        ("io.packager.registry", registry),
         (LOCK_DIGEST_LABEL, lock.digest),
         ("io.packager.version", __version__),
     ]
-    return tuple((k, v) for k, v in pairs if v)
+    return tuple((k, _label_value(k, v)) for k, v in pairs if v)
+
+
+def _base_labels(base_image: str, base_digest: str | None) -> list[tuple[str, str]]:
+    """The base's name (unless it is a file on the build host: its digest says it all)."""
+    labels = []
+    if not base_image.startswith(("oci:", "docker-archive:")):
+        labels.append(("org.opencontainers.image.base.name", _label_value("base", base_image)))
+    if base_digest:
+        labels.append(("org.opencontainers.image.base.digest", base_digest))
+    return labels
+
+
+def _location_free(uri: str) -> str:
+    """``uri`` unless it names a file on the build host (``sqlite:///…``, ``file:…``, a path)."""
+    if uri.startswith(("/", ".", "~")):
+        return ""
+    return "" if urlsplit(uri).scheme in ("sqlite", "file") else uri
+
+
+def _label_value(key: str, value: str) -> str:
+    """Every label reaches the Dockerfile on one line (64 KiB at most) and OCI configs
+    verbatim: check it before anything is built."""
+    problem = value_problem(value, MAX_LABEL_LENGTH)
+    if problem:
+        raise ModelFormatError(
+            f"the image label {key} would be {value[:60]!r}…, which {problem}",
+            hint="the value comes from the model's registry entry or MLmodel: fix it there",
+        )
+    return value

@@ -35,6 +35,7 @@ class Entry:
     symlink: str | None = None
     directory: bool = False
     executable: bool = False
+    private: bool = False  # 0600/0700: readable only by root, the owner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -138,15 +139,21 @@ def _add(tar: tarfile.TarFile, entry: Entry, epoch: int) -> None:
         tar.addfile(info)
     elif entry.content is not None:
         info.size = len(entry.content)
-        info.mode = 0o755 if entry.executable else 0o644
+        info.mode = _file_mode(entry)
         tar.addfile(info, io.BytesIO(entry.content))
     elif entry.source is not None:
         info.size = entry.source.stat().st_size
-        info.mode = 0o755 if entry.executable else 0o644
+        info.mode = _file_mode(entry)
         with entry.source.open("rb") as stream:
             tar.addfile(info, stream)
     else:  # pragma: no cover - Entry is always one of the above
         raise ValueError(f"empty layer entry {entry.path}")
+
+
+def _file_mode(entry: Entry) -> int:
+    if entry.private:
+        return 0o700 if entry.executable else 0o600
+    return 0o755 if entry.executable else 0o644
 
 
 def file_digest(path: Path) -> str:

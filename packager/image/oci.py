@@ -498,7 +498,11 @@ def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
     maker = _LayerMaker(store, FILE_EPOCH)
     layers = [_dependency_layer(inputs, base, interpreter, maker, store)]
     for kind, comment, entries in _plan_groups(inputs.plan):
-        material = [[e.path, e.executable, _entry_digest(e)] for e in entries]
+        # "private" only when set, so every other layer keeps the key it had.
+        material = [
+            [e.path, e.executable, _entry_digest(e), *(["private"] if e.private else [])]
+            for e in entries
+        ]
         layers.append(maker.cached(kind, material) or maker.make(kind, comment, material, entries))
     config = _config(inputs, base, layers, architecture, variant)
     config_bytes = canonical_json(config)
@@ -671,7 +675,13 @@ def _plan_groups(plan: BuildPlan) -> list[tuple[str, str, list[Entry]]]:
             continue  # the lock, wheels and tools: consumed by the dependency layer
         path = f"{targets[prefix]}/{item.destination.removeprefix(prefix)}"
         executable = bool(item.source is not None and item.source.stat().st_mode & 0o111)
-        entry = Entry(path=path, source=item.source, content=item.content, executable=executable)
+        entry = Entry(
+            path=path,
+            source=item.source,
+            content=item.content,
+            executable=executable,
+            private=item.private,
+        )
         if prefix == "model-artifacts/" and item.source and item.source.stat().st_size > LARGE_FILE:
             large.append(entry)
         else:

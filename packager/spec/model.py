@@ -22,7 +22,12 @@ from packager.spec.environment import (
     read_python_env,
     read_wheels,
 )
-from packager.spec.requirements import LineKind, RequirementLine, parse_requirements_file
+from packager.spec.requirements import (
+    LineKind,
+    RequirementLine,
+    files_included_by,
+    read_requirements,
+)
 from packager.spec.signature import Signature, parse_signature
 
 PYFUNC = "python_function"
@@ -111,6 +116,10 @@ class ModelSpec:
     model_uuid: str | None
     utc_time_created: str | None
     env_vars: tuple[str, ...]
+    # Every file, as the source stage found it (links resolved, see digest.walk_files).
+    files: tuple[FileEntry, ...] = ()
+    # Every file pip would read as requirements (followed through -r/-c), by relative path.
+    requirement_files: frozenset[str] = frozenset()
 
     @property
     def python_minor(self) -> str:
@@ -171,11 +180,17 @@ def read_spec(model_dir: Path, files: tuple[FileEntry, ...] | None = None) -> Mo
     )
     conda = read_conda_env(model_dir, "conda.yaml") if "conda.yaml" in present else None
     python_version, python_from = _python_version(pyfunc, python_env, conda, model_dir)
-    requirements = (
-        parse_requirements_file(model_dir, "requirements.txt")
+    requirements, requirement_files = (
+        read_requirements(model_dir, "requirements.txt")
         if "requirements.txt" in present
-        else ()
+        else ((), frozenset[str]())
     )
+    if python_env is not None:
+        requirement_files |= files_included_by(
+            model_dir, "python_env.yaml", python_env.dependencies + python_env.build_dependencies
+        )
+    if conda is not None:
+        requirement_files |= files_included_by(model_dir, "conda.yaml", conda.pip)
     wheels_meta = mlmodel.get("wheels")
     wheels = read_wheels(
         files,
@@ -210,6 +225,8 @@ def read_spec(model_dir: Path, files: tuple[FileEntry, ...] | None = None) -> Mo
         model_uuid=_opt_str(mlmodel.get("model_uuid")),
         utc_time_created=_opt_str(mlmodel.get("utc_time_created")),
         env_vars=tuple(str(v) for v in mlmodel.get("env_vars") or ()),
+        files=files,
+        requirement_files=requirement_files,
     )
 
 

@@ -61,6 +61,9 @@ class RequirementLine:
     marker: str | None = None
     extras: tuple[str, ...] = ()
     url: str | None = None  # direct URL or option value, credentials stripped
+    # The URL carried credentials (user info, a token query), which were removed: the env
+    # stage refuses to guess them (see env/inputs.py). The secret itself is never kept.
+    had_credentials: bool = False
     path: str | None = None  # local wheel/project path as written
     absolute_path: bool = False
     exists_in_model: bool = False  # relative path that resolves to a file inside the model
@@ -68,20 +71,62 @@ class RequirementLine:
 
 def parse_requirements_file(model_dir: Path, relative: str) -> tuple[RequirementLine, ...]:
     """Parse ``model_dir/relative``, following ``-r`` and ``-c`` includes inside the model."""
-    return tuple(_parse(model_dir, relative, constraint=False, depth=0, seen=set()))
+    return read_requirements(model_dir, relative)[0]
+
+
+def read_requirements(
+    model_dir: Path, relative: str
+) -> tuple[tuple[RequirementLine, ...], frozenset[str]]:
+    """The lines of ``relative`` (as :func:`parse_requirements_file`) and every file pip
+    would read for it: the file and what it includes with ``-r``/``-c``, transitively,
+    whatever their names. Each may name an index with its password, so each is shipped
+    with credentials removed."""
+    read: set[str] = set()
+    lines = _parse(model_dir, relative, constraint=False, depth=0, seen=set(), read=read)
+    return tuple(lines), frozenset(read)
+
+
+def files_included_by(model_dir: Path, relative: str, entries: tuple[str, ...]) -> frozenset[str]:
+    """The requirement files that ``-r``/``-c`` entries of ``relative``'s pip list (a
+    ``python_env.yaml`` or ``conda.yaml``) name, with everything they include. Entries that
+    point outside the model are not followed: the env stage never reads them."""
+    found: set[str] = set()
+    for entry in entries:
+        option, value = _split_option(entry.strip())
+        if option not in ("-r", "--requirement", "-c", "--constraint") or not value:
+            continue
+        target = (model_dir / PurePosixPath(relative).parent / value).resolve()
+        if target.is_file() and target.is_relative_to(model_dir.resolve()):
+            found |= read_requirements(
+                model_dir, target.relative_to(model_dir.resolve()).as_posix()
+            )[1]
+    return frozenset(found)
 
 
 def _parse(
-    model_dir: Path, relative: str, *, constraint: bool, depth: int, seen: set[str]
+    model_dir: Path,
+    relative: str,
+    *,
+    constraint: bool,
+    depth: int,
+    seen: set[str],
+    read: set[str],
 ) -> list[RequirementLine]:
     if depth > _MAX_INCLUDE_DEPTH or relative in seen:
         raise ModelFormatError(f"{relative}: requirement files include each other in a loop")
     seen = seen | {relative}
+    read.add(relative)
     path = model_dir / relative
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except OSError as err:
         raise ModelFormatError(f"cannot read {relative} in {model_dir}: {err.strerror}") from err
+    except UnicodeDecodeError as err:
+        raise ModelFormatError(
+            f"{relative} in {model_dir} is not UTF-8 text (byte {err.start}: {err.reason})",
+            hint="pip reads requirement files as UTF-8: save the file as UTF-8 and log the "
+            "model again",
+        ) from err
     lines: list[RequirementLine] = []
     for line_no, line in _logical_lines(text):
         where = f"{relative}:{line_no}"
@@ -95,6 +140,7 @@ def _parse(
                     constraint=constraint or option in ("-c", "--constraint"),
                     depth=depth + 1,
                     seen=seen,
+                    read=read,
                 )
                 continue
         lines.append(
@@ -162,9 +208,13 @@ def _classify(
     if line.startswith("-"):
         option, value = _split_option(line)
         if option in _VALUE_OPTIONS:
-            value = redact_uri(value)
+            redacted = redact_uri(value)
             return RequirementLine(
-                kind=_VALUE_OPTIONS[option], text=f"{option} {value}", url=value, **base
+                kind=_VALUE_OPTIONS[option],
+                text=f"{option} {redacted}",
+                url=redacted,
+                had_credentials=redacted != value,
+                **base,
             )
         if option == "--no-index":
             return RequirementLine(kind=LineKind.NO_INDEX, text=line, **base)
@@ -191,6 +241,7 @@ def _classify(
         marker=str(req.marker) if req.marker else None,
         extras=tuple(sorted(req.extras)),
         url=redact_uri(req.url) if req.url else None,
+        had_credentials=bool(req.url) and redact_uri(req.url or "") != req.url,
         **base,
     )
 

