@@ -73,6 +73,11 @@ class SharedMetrics:
         return time.monotonic() - since if since else 0.0
 
     def reset_row(self, row: int) -> None:
+        """Forget the per-process state of a row's worker before another takes the row.
+
+        A worker killed mid-prediction (SIGKILL, OOM) never clears its busy mark; left
+        set, the watchdog would kill the idle replacement. Counters carry over.
+        """
         self._cells[row * _ROW_CELLS + _BUSY] = 0.0
 
     def worker_restarted(self, row: int) -> None:
@@ -80,6 +85,9 @@ class SharedMetrics:
 
     def _total(self, offset: int) -> float:
         return sum(self._cells[row * _ROW_CELLS + offset] for row in range(self.rows))
+
+    def _busy_rows(self) -> int:
+        return sum(1 for row in range(self.rows) if self._cells[row * _ROW_CELLS + _BUSY])
 
     def render(
         self, labels: Sequence[tuple[str, str]], *, workers: int, load_seconds: float
@@ -121,6 +129,9 @@ class SharedMetrics:
             "# HELP packager_workers Worker processes configured.",
             "# TYPE packager_workers gauge",
             f"packager_workers{{{base}}} {workers}",
+            "# HELP packager_workers_busy Workers predicting right now.",
+            "# TYPE packager_workers_busy gauge",
+            f"packager_workers_busy{{{base}}} {self._busy_rows()}",
             "# HELP packager_worker_restarts_total Workers replaced after a crash or timeout.",
             "# TYPE packager_worker_restarts_total counter",
             f"packager_worker_restarts_total{{{base}}} {restarts:.0f}",

@@ -118,6 +118,7 @@ class Supervisor:
         self._stopping = True
 
     def _spawn(self, row: int) -> None:
+        self.metrics.reset_row(row)  # the row's previous worker may have died predicting
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -136,7 +137,6 @@ class Supervisor:
         check_environment(self.config.model_dir, self.scorer.model)
         while not self._stopping:
             time.sleep(0.2)
-            self._watchdog()
             for pid, status in _reap():
                 row = self.workers.pop(pid, None)
                 if row is None or self._stopping:
@@ -156,6 +156,7 @@ class Supervisor:
                     time.sleep(delay)
                 self._spawn(row)
                 births[next(p for p, r in self.workers.items() if r == row)] = time.monotonic()
+            self._watchdog()  # after reaping: a dead worker's busy mark is no longer read
         return self._shutdown()
 
     def _watchdog(self) -> None:

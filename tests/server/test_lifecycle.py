@@ -1,0 +1,89 @@
+"""The supervisor's life cycle at its edges."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.server.conftest import ServerProcess, run_server
+
+pytestmark = pytest.mark.slow
+
+ONE_ROW = {"dataframe_split": {"columns": ["x"], "data": [[1.5]]}}
+WATCHDOG_GRACE = 10.0  # supervisor._WATCHDOG_GRACE_SECONDS: the watchdog's margin
+
+
+def _workers(server: ServerProcess) -> list[int]:
+    """The supervisor's child processes (Linux)."""
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [int(child) for child in children]
+
+
+def _busy_workers(server: ServerProcess) -> int:
+    text = server.request("GET", "/metrics", timeout=5).body.decode()
+    match = re.search(r"^packager_workers_busy\{[^}]*\} (\d+)$", text, re.MULTILINE)
+    return int(match.group(1)) if match else 0
+
+
+def _get(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as err:
+        return int(err.code)
+
+
+def test_a_killed_busy_worker_is_replaced_by_one_the_watchdog_leaves_alone(
+    server_models: Path, tmp_path: Path
+) -> None:
+    timeout = 2.0
+    with run_server(
+        server_models / "sleepy", tmp_path, "--workers", "1", "--timeout", str(timeout)
+    ) as server:
+        # A slow prediction moves the next ones onto the worker's prediction thread, so
+        # that its event loop still answers /metrics while it predicts.
+        assert server.invoke({**ONE_ROW, "params": {"sleep": 0.3}}).status == 200
+        outcome: dict[str, object] = {}
+
+        def predict() -> None:
+            try:
+                outcome["answer"] = server.invoke({**ONE_ROW, "params": {"sleep": 1.8}})
+            except OSError as err:
+                outcome["error"] = err
+
+        client = threading.Thread(target=predict)
+        client.start()
+        deadline = time.monotonic() + 10
+        while _busy_workers(server) != 1:
+            assert time.monotonic() < deadline, "the worker never reported a prediction"
+            time.sleep(0.02)
+        [victim] = _workers(server)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        client.join(timeout=30)
+        assert "error" in outcome, outcome  # the kill hit the prediction
+
+        deadline = time.monotonic() + 30
+        while _workers(server) in ([], [victim]):
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.05)
+        [replacement] = _workers(server)
+        # The watchdog kills a worker busy for timeout + grace. The replacement stays idle
+        # (a prediction of its own would clear a stale busy mark) for twice that.
+        until = killed_at + 2 * (timeout + WATCHDOG_GRACE)
+        while time.monotonic() < until:
+            assert _workers(server) == [replacement], server.stderr()
+            assert _get(f"{server.url}/live") == 200
+            time.sleep(0.2)
+        assert _busy_workers(server) == 0
+        assert server.invoke(ONE_ROW).json() == {"predictions": [3.0]}
+    assert "has been predicting for over" not in server.stderr()
