@@ -44,6 +44,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from packager_server.config import ServerConfig
+from packager_server.logs import printable
 from packager_server.metrics import SharedMetrics
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
 
@@ -59,6 +60,10 @@ _SMOOTHING = 0.2  # weight of the newest prediction in the running average
 _PROBES = {"/ping", "/health", "/ready", "/readyz"}
 _LIVE = {"/live", "/livez"}
 _MAX_REQUEST_ID = 128
+_NO_ENDPOINT = (
+    "no such endpoint; this server answers /invocations, /ping, /health, /ready, /live, "
+    "/version and /metrics"
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,7 +170,8 @@ class ScoringApp:
             return Answer(
                 status=200, body=body, content_type="text/plain; version=0.0.4; charset=utf-8"
             ), False
-        return error_answer(404, "RESOURCE_DOES_NOT_EXIST", f"no endpoint {path[:200]}"), False
+        # The path is not echoed: an answer (or a log line) never carries request data.
+        return error_answer(404, "RESOURCE_DOES_NOT_EXIST", _NO_ENDPOINT), False
 
     async def _invocations(self, headers: dict[str, str], receive: Receive) -> tuple[Answer, bool]:
         limit = self.config.max_payload
@@ -267,15 +273,19 @@ class ScoringApp:
         elapsed: float,
         request_id: str,
     ) -> None:
-        client = scope.get("client") or ("-", 0)
+        # Every field through printable(): a path can hold any character once decoded
+        # (%0A is a newline), and must not forge a line or drive a terminal.
+        client = printable(str((scope.get("client") or ("-", 0))[0]))
+        method, path = printable(method), printable(path[:200])
+        request_id = printable(request_id)
         if self.config.log_format == "json":
             access_log.info(
                 json.dumps(
                     {
                         "ts": time.time(),
-                        "client": client[0],
+                        "client": client,
                         "method": method,
-                        "path": path[:200],
+                        "path": path,
                         "status": answer.status,
                         "duration_ms": round(elapsed * 1000, 3),
                         "bytes": len(answer.body),
@@ -290,9 +300,9 @@ class ScoringApp:
         else:
             access_log.info(
                 '%s "%s %s" %d %.2fms %dB id=%s route=%s worker=%d',
-                client[0],
+                client,
                 method,
-                path[:200],
+                path,
                 answer.status,
                 elapsed * 1000,
                 len(answer.body),
@@ -325,7 +335,17 @@ def _too_large(limit: int) -> Answer:
 
 
 def _request_id(given: str | None) -> str:
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable() and given.isascii():
+    """The client's X-Request-ID if it is one printable ASCII word, else a new one.
+
+    No spaces: in the text access log, a space in it would forge the fields after it.
+    """
+    if (
+        given
+        and len(given) <= _MAX_REQUEST_ID
+        and given.isascii()
+        and given.isprintable()
+        and " " not in given
+    ):
         return given
     return uuid.uuid4().hex
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from packager_server.config import ConfigError, ServerConfig, load_config
+from packager_server.logs import configure_logging
 
 log = logging.getLogger("packager_server")
 
@@ -50,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as err:
         sys.stderr.write(f"packager_server: error: {err}\n")
         return EXIT_CONFIG
-    _configure_logging(config)
+    configure_logging(config)
     return Supervisor(config).run()
 
 
@@ -391,37 +392,3 @@ class LoadingResponder(threading.Thread):
         self._stop_event.set()
         self.join()
         self.sock.setblocking(True)
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {
-            "ts": record.created,
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def _configure_logging(config: ServerConfig) -> None:
-    """Server logs on stderr; the access log on stdout (one line per request)."""
-    errors = logging.StreamHandler(sys.stderr)
-    errors.setFormatter(
-        _JsonFormatter()
-        if config.log_format == "json"
-        else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [errors]
-    root.setLevel(logging.DEBUG if config.debug else logging.INFO)
-    for noisy in ("mlflow", "uvicorn", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    access = logging.getLogger("packager_server.access")
-    access.propagate = False
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    access.handlers[:] = [handler]
-    access.setLevel(logging.INFO)
