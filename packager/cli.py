@@ -86,6 +86,12 @@ def _build_parser() -> argparse.ArgumentParser:
         type=Path,
         help="download cache (default: $PACKAGER_CACHE_DIR or the user cache)",
     )
+    registry.add_argument(
+        "--skip-outside-links",
+        action="store_true",
+        help="leave out (with a warning) symbolic links in a local model directory that "
+        "point outside it; by default they are an error, since they would ship host files",
+    )
 
     parser = argparse.ArgumentParser(
         prog="packager",
@@ -639,7 +645,11 @@ def _serve(args: argparse.Namespace) -> int:
 def _source(args: argparse.Namespace) -> dict[str, Any]:
     """The registry, cache and progress options every model-taking command shares."""
     return {
-        "options": RegistryOptions(tracking_uri=args.tracking_uri, registry_uri=args.registry_uri),
+        "options": RegistryOptions(
+            tracking_uri=args.tracking_uri,
+            registry_uri=args.registry_uri,
+            outside_links="skip" if args.skip_outside_links else "error",
+        ),
         "cache": ModelCache(args.cache_dir) if args.cache_dir else None,
         "progress": _progress(),
     }
