@@ -618,16 +618,13 @@ def _dependency_layer(
 def _write_bytecode(
     root: Path, python: str, interpreter: str, base: Base, store: BlobStore
 ) -> None:
-    """Compile the staged venv with the base's own interpreter, in the base's root file
-    system (see :mod:`packager.image.rootfs`), as the Docker backend does in its build."""
+    """Compile the staged venv with the base's own interpreter, run from the base's root
+    file system (see :mod:`packager.image.rootfs`), as the Docker backend does in its
+    build. The pycs name their final paths (/opt/venv/…): the staging directory is
+    stripped from every file name."""
     system = rootfs.base_rootfs(base, store)
-    prefix = rootfs.command_in(system, what="writing bytecode")
-    scratch = system / ".packager-work"  # packager's own: never a link from the base
-    if scratch.is_symlink():
-        raise ImageBuildError(f"{scratch} is a symbolic link", hint="remove it and build again")
-    scratch.mkdir(exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="venv-", dir=scratch))
-    inside = f"/{scratch.name}/{work.name}"
+    command = rootfs.interpreter_command(system, interpreter, what="writing bytecode")
+    work = Path(tempfile.mkdtemp(prefix="venv-", dir=store.tmp))
     staged = root / VENV.lstrip("/")
     moved = work / VENV.lstrip("/")
     try:
@@ -638,12 +635,11 @@ def _write_bytecode(
             site = wheelinstall.site_packages(moved, python)
             wheelinstall.compile_in_parallel(
                 sorted(site.iterdir()),
-                [*prefix, interpreter, f"{inside}/wheelinstall.py"],
+                [*command, str(work / "wheelinstall.py")],
                 jobs=len(os.sched_getaffinity(0)),
-                strip=inside,
+                strip=str(work),
                 prepend="/",
-                where=lambda path: f"{inside}/{path.relative_to(work).as_posix()}",
-                env=dict(rootfs.ENVIRONMENT),
+                env=rootfs.interpreter_environment(system, interpreter),
             )
         except wheelinstall.InstallError as err:
             raise ImageBuildError(str(err), hint="build with --no-bytecode") from err

@@ -5,8 +5,8 @@ Python compile some modules differently, so pycs made by the build machine's Pyt
 make the OCI backend's image differ from the Docker backend's (which compiles inside the
 build). The daemonless backend therefore unpacks the base image's layers into a root file
 system, once per base (cached under the blob store, keyed by the layers' diff ids), and
-runs the base's interpreter in it with ``unshare --map-root-user --root``: a new user
-namespace, no daemon, no privileges beyond unprivileged user namespaces.
+runs the base's interpreter from it through the base's own dynamic loader, with its
+libraries and ``PYTHONHOME`` in the unpacked tree: no daemon, no namespace, no privilege.
 
 Unpacking applies the layers in order with OCI whiteouts. Every member goes through
 :func:`tarfile.tar_filter` (no absolute paths, nothing that resolves outside the root,
@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from packager.errors import ImageBuildError
 
@@ -166,20 +166,123 @@ def _remove(path: Path) -> None:
     shutil.rmtree(path, onerror=retry)
 
 
-def command_in(rootfs: Path, *, what: str) -> list[str]:
-    """The command prefix that runs a program with ``rootfs`` as its root, as root of a
-    new user namespace; checked once, so a machine without user namespaces gets a clear
-    error instead of a failure deep in a build."""
-    unshare = shutil.which("unshare")
-    if unshare is None:
+_MAX_LINK_HOPS = 40
+_PT_INTERP = 3
+
+
+def resolve_inside(rootfs: Path, path: str) -> Path:
+    """``path`` of the base's file system as a path under ``rootfs``, following its symbolic
+    links the way the base's own kernel view would (absolute targets start at ``rootfs``);
+    a chain that leaves ``rootfs`` or loops is an error."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        candidate = rootfs.joinpath(*resolved, part)
+        if candidate.is_symlink():
+            hops += 1
+            if hops > _MAX_LINK_HOPS:
+                raise ImageBuildError(f"{path} in the base image: too many symbolic links")
+            target = str(candidate.readlink())
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(part)
+    return rootfs.joinpath(*resolved)
+
+
+def elf_interpreter(binary: Path) -> str | None:
+    """The program interpreter (``PT_INTERP``: the dynamic loader) an ELF file names, or
+    None for a static or non-ELF file."""
+    with binary.open("rb") as handle:
+        head = handle.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            return None
+        wide = head[4] == 2
+        order: Literal["little", "big"] = "little" if head[5] == 1 else "big"
+
+        def number(data: bytes, offset: int, size: int) -> int:
+            return int.from_bytes(data[offset : offset + size], order)
+
+        if wide:
+            phoff, phentsize, phnum = number(head, 32, 8), number(head, 54, 2), number(head, 56, 2)
+        else:
+            phoff, phentsize, phnum = number(head, 28, 4), number(head, 42, 2), number(head, 44, 2)
+        for index in range(phnum):
+            handle.seek(phoff + index * phentsize)
+            entry = handle.read(phentsize)
+            if number(entry, 0, 4) != _PT_INTERP:
+                continue
+            offset, size = (
+                (number(entry, 8, 8), number(entry, 32, 8))
+                if wide
+                else (
+                    number(entry, 4, 4),
+                    number(entry, 16, 4),
+                )
+            )
+            handle.seek(offset)
+            return handle.read(size).rstrip(b"\0").decode()
+    return None
+
+
+def library_dirs(rootfs: Path) -> list[str]:
+    """The base's library search path, as its ``ld.so.conf`` (with includes) and the
+    loader's defaults give it, as base paths."""
+    found: list[str] = []
+
+    def read(conf: Path, depth: int) -> None:
+        try:
+            lines = conf.read_text(encoding="utf-8", errors="replace").splitlines()
+        except OSError:
+            return
+        for raw in lines:
+            line = raw.split("#", 1)[0].strip()
+            if line.startswith("include") and depth < 4:
+                pattern = line.split(None, 1)[1] if " " in line else ""
+                for match in sorted(rootfs.glob(pattern.lstrip("/"))):
+                    read(match, depth + 1)
+            elif line.startswith("/") and line not in found:
+                found.append(line)
+
+    read(rootfs / "etc" / "ld.so.conf", 0)
+    for default in ("/lib", "/usr/lib", "/lib64", "/usr/lib64"):
+        if default not in found:
+            found.append(default)
+    return found
+
+
+def interpreter_command(rootfs: Path, interpreter: str, *, what: str) -> list[str]:
+    """The command that runs the base's ``interpreter`` on this machine, with no container
+    engine and no namespace: the base's own dynamic loader, its own libraries, and its own
+    standard library (``PYTHONHOME``, in :func:`interpreter_environment`). Every byte of code
+    that runs is the base's, so the bytecode is what the base's Python writes in a build,
+    and it works where user namespaces are forbidden (Ubuntu 24.04 runners, Kubernetes pods
+    under the default seccomp profile). Checked once, so a base whose Python cannot run here
+    (another CPU architecture) gets a clear error instead of a failure deep in a build."""
+    python = resolve_inside(rootfs, interpreter)
+    if not python.is_file():
+        raise ImageBuildError(f"{what}: the base image has no {interpreter}")
+    loader_path = elf_interpreter(python)
+    if loader_path is None:
         raise ImageBuildError(
-            f"{what} needs unshare (util-linux) to run the base image's Python",
-            hint="install util-linux, use --backend docker, or build with --no-bytecode",
+            f"{what}: {interpreter} in the base image is not a dynamically linked ELF program",
+            hint="use a Debian- or python:-based image, or build with --no-bytecode",
         )
-    prefix = [unshare, "--map-root-user", f"--root={rootfs}"]
+    loader = resolve_inside(rootfs, loader_path)
+    libraries = ":".join(
+        dict.fromkeys(str(resolve_inside(rootfs, d)) for d in library_dirs(rootfs))
+    )
+    command = [str(loader), "--library-path", libraries, str(python)]
     result = subprocess.run(
-        [*prefix, "/bin/sh", "-c", "exit 0"],
-        env=ENVIRONMENT,
+        [*command, "-c", "import encodings, compileall, py_compile"],
+        env=interpreter_environment(rootfs, interpreter),
         capture_output=True,
         text=True,
         check=False,
@@ -187,10 +290,16 @@ def command_in(rootfs: Path, *, what: str) -> list[str]:
     )
     if result.returncode != 0:
         raise ImageBuildError(
-            f"{what}: cannot run programs of the base image here: "
+            f"{what}: cannot run the base image's {interpreter} here: "
             f"{(result.stderr or result.stdout).strip()[-500:]}",
-            hint="unprivileged user namespaces may be disabled (sysctl "
-            "kernel.unprivileged_userns_clone, or an AppArmor policy); use --backend docker, "
-            "or build with --no-bytecode",
+            hint="a base for another CPU architecture needs that machine (or qemu binfmt); "
+            "use --backend docker, or build with --no-bytecode",
         )
-    return prefix
+    return command
+
+
+def interpreter_environment(rootfs: Path, interpreter: str) -> dict[str, str]:
+    """:data:`ENVIRONMENT`, with ``PYTHONHOME`` at the interpreter's prefix in ``rootfs``
+    (``/usr`` for ``/usr/bin/python3.11``, ``/usr/local`` for ``/usr/local/bin/…``)."""
+    prefix = posixpath.dirname(posixpath.dirname(interpreter))
+    return {**ENVIRONMENT, "PYTHONHOME": str(resolve_inside(rootfs, prefix))}

@@ -253,8 +253,9 @@ def compile_in_parallel(
 ) -> None:
     """Run ``command --compile-only ...`` in ``jobs`` processes over groups of ``paths``.
 
-    ``command`` runs this file with the image's interpreter (directly, or in the base's
-    root file system); ``where`` maps a path to what that process sees. Each file is
+    ``command`` runs this file with the image's interpreter (directly, or through the
+    base's dynamic loader in its unpacked root file system); ``where`` maps a path to what
+    that process sees. Each file is
     compiled the same whichever process does it, so the grouping doesn't show in the
     output.
     """

@@ -93,6 +93,28 @@ def registry(root: Path, *, readonly: bool = False) -> Iterator[str]:
         process.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def no_user_namespaces() -> Iterator[None]:
+    """No process on this machine may create a user namespace while inside: as on Ubuntu
+    24.04 runners (AppArmor) and in pods under the default seccomp profile. Root only;
+    the previous limit is restored on the way out."""
+    limit = Path("/proc/sys/user/max_user_namespaces")
+    try:
+        before = limit.read_text()
+        limit.write_text("0\n")
+    except OSError as err:
+        unavailable(f"cannot forbid user namespaces here ({err}); run the tests as root")
+        raise
+    try:
+        probe = subprocess.run(
+            ["unshare", "--user", "--map-root-user", "true"], capture_output=True, check=False
+        )
+        assert probe.returncode != 0, "user namespaces are still allowed"
+        yield
+    finally:
+        limit.write_text(before)
+
+
 @pytest.fixture(scope="session")
 def local_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with registry(tmp_path_factory.mktemp("registry")) as address:

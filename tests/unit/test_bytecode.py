@@ -150,9 +150,56 @@ def test_layers_apply_with_whiteouts_and_nothing_escapes(tmp_path: Path) -> None
     assert (root / "relative").is_symlink()
 
 
-@pytest.mark.skipif(sys.platform != "linux", reason="user namespaces are Linux's")
-def test_command_in_reports_a_root_without_a_shell(tmp_path: Path) -> None:
+def test_a_root_without_the_interpreter_is_a_clear_error(tmp_path: Path) -> None:
     from packager.errors import ImageBuildError
 
-    with pytest.raises(ImageBuildError, match="cannot run programs of the base image"):
-        rootfs.command_in(tmp_path, what="writing bytecode")
+    with pytest.raises(ImageBuildError, match=r"writing bytecode: the base image has no"):
+        rootfs.interpreter_command(tmp_path, "/usr/bin/python3.11", what="writing bytecode")
+
+
+def test_links_resolve_inside_the_root(tmp_path: Path) -> None:
+    (tmp_path / "usr" / "lib").mkdir(parents=True)
+    (tmp_path / "lib").symlink_to("/usr/lib")  # absolute: starts at the root, not the host's
+    (tmp_path / "usr" / "lib" / "up").symlink_to("../../../../../../etc")
+    assert rootfs.resolve_inside(tmp_path, "/lib/x") == tmp_path / "usr" / "lib" / "x"
+    assert rootfs.resolve_inside(tmp_path, "/usr/lib/up/passwd") == tmp_path / "etc" / "passwd"
+    (tmp_path / "loop").symlink_to("/loop")
+    from packager.errors import ImageBuildError
+
+    with pytest.raises(ImageBuildError, match="too many symbolic links"):
+        rootfs.resolve_inside(tmp_path, "/loop/x")
+
+
+HOST_PYTHON = Path(f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}")
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or not HOST_PYTHON.is_file(),
+    reason="needs a Debian-style /usr/bin/pythonX.Y of this Python's version",
+)
+def test_the_loader_runs_a_root_s_python_with_no_namespace(tmp_path: Path) -> None:
+    """The machine's own / as the "base": the loader-run interpreter writes the same bytes
+    as the same interpreter started normally."""
+    interpreter = str(HOST_PYTHON)
+    command = rootfs.interpreter_command(Path("/"), interpreter, what="writing bytecode")
+    assert command[1] == "--library-path"
+    assert rootfs.elf_interpreter(HOST_PYTHON) is not None
+    one, two = _site(tmp_path / "one"), _site(tmp_path / "two")
+    wheelinstall.compile_in_parallel(
+        sorted(one.iterdir()),
+        [*command, wheelinstall.__file__],
+        jobs=2,
+        strip=str(tmp_path / "one"),
+        prepend="/",
+        env=rootfs.interpreter_environment(Path("/"), interpreter),
+    )
+    wheelinstall.compile_in_parallel(
+        sorted(two.iterdir()),
+        [interpreter, wheelinstall.__file__],
+        jobs=1,
+        strip=str(tmp_path / "two"),
+        prepend="/",
+        env=dict(rootfs.ENVIRONMENT),
+    )
+    assert _pycs(tmp_path / "one") == _pycs(tmp_path / "two")
+    assert len(_pycs(tmp_path / "one")) == 2
