@@ -138,6 +138,7 @@ def test_a_link_planted_in_the_cache_is_not_trusted(tmp_path: Path) -> None:
     from packager.cache import ModelCache
 
     cache = ModelCache(tmp_path / "cache")
+
     def fill(directory: Path) -> None:
         _model(directory)
 
