@@ -11,6 +11,7 @@ flag                       environment (first set wins)                default
                            MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
 ``--max-payload``          PACKAGER_MAX_PAYLOAD (bytes)                16 MiB (Databricks)
 ``--graceful-timeout``     PACKAGER_GRACEFUL_TIMEOUT                   30 s
+``--header-timeout``       PACKAGER_HEADER_TIMEOUT                     5 s
 ``--log-format``           PACKAGER_LOG_FORMAT (text | json)           text
 ``--no-access-log``        PACKAGER_ACCESS_LOG=0                       access log on
 ``--no-fast-path``         PACKAGER_FAST_PATH=0                        fast path on
@@ -21,6 +22,12 @@ flag                       environment (first set wins)                default
 
 ``--debug`` puts exception details into error answers; never enable it in production
 (answers may then contain request data).
+
+``--header-timeout`` bounds the wait for a request's head (request line and headers) on a
+connection: from its opening, or from the first byte of a next request on a kept-alive
+one. A client too slow for it gets 408 (if it sent anything) and the connection is
+closed, so slow or idle sockets (slowloris) cannot hold a worker's or the loading
+responder's connections.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from packager_server.cpu import available_cpus
 DEFAULT_TIMEOUT = 120.0
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
+DEFAULT_HEADER_TIMEOUT = 5.0
 
 
 class ConfigError(ValueError):
@@ -52,6 +60,7 @@ class ServerConfig:
     timeout: float = DEFAULT_TIMEOUT
     max_payload: int = DEFAULT_MAX_PAYLOAD
     graceful_timeout: float = DEFAULT_GRACEFUL_TIMEOUT
+    header_timeout: float = DEFAULT_HEADER_TIMEOUT
     log_format: Literal["text", "json"] = "text"
     access_log: bool = True
     fast_path: bool = True
@@ -105,6 +114,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="seconds per request (504 after)")
     p.add_argument("--max-payload", type=int, help="bytes per request body (413 above)")
     p.add_argument("--graceful-timeout", type=float, help="seconds to finish on SIGTERM")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        help="seconds for a request's line and headers to arrive (408 and close after); "
+        f"default {DEFAULT_HEADER_TIMEOUT:g}",
+    )
     p.add_argument("--log-format", choices=["text", "json"])
     p.add_argument("--no-access-log", action="store_true")
     p.add_argument(
@@ -162,6 +177,7 @@ def load_config(
             or _number(_env(env, "PACKAGER_GRACEFUL_TIMEOUT"), "graceful timeout", float)
             or DEFAULT_GRACEFUL_TIMEOUT
         ),
+        header_timeout=_header_timeout(args.header_timeout, env),
         log_format=log_format,  # type: ignore[arg-type]
         access_log=not args.no_access_log and _flag(env, "PACKAGER_ACCESS_LOG", True),
         fast_path=not args.no_fast_path and _flag(env, "PACKAGER_FAST_PATH", True),
@@ -169,3 +185,12 @@ def load_config(
         model_name=args.model_name or _env(env, "PACKAGER_MODEL_NAME"),
         model_version=args.model_version or _env(env, "PACKAGER_MODEL_VERSION"),
     )
+
+
+def _header_timeout(flag: float | None, env: Mapping[str, str]) -> float:
+    if flag is None:
+        value = _number(_env(env, "PACKAGER_HEADER_TIMEOUT"), "header timeout", float)
+        return float(value or DEFAULT_HEADER_TIMEOUT)
+    if not flag > 0:  # also refuses NaN
+        raise ConfigError(f"--header-timeout: must be positive, got {flag:g}")
+    return flag

@@ -8,6 +8,7 @@ Life cycle::
                   ─► respawn any worker that dies (crash, or retired after a timeout)
     SIGTERM/SIGINT ─► close the listening socket, ask workers to finish in-flight
                       requests within --graceful-timeout, then exit 0
+                      (while loading: stop loading, close the socket, exit 0)
 
 Exit codes: 0 after a clean shutdown, 2 for bad configuration or a busy port, 3 when the
 model cannot be loaded.
@@ -17,10 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import os
-import selectors
 import signal
 import socket
 import sys
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from packager_server.config import ConfigError, ServerConfig, load_config
+from packager_server.connections import LoadingResponder
 from packager_server.logs import configure_logging
 
 log = logging.getLogger("packager_server")
@@ -43,6 +43,7 @@ _RETIRE_HARD_EXIT_SECONDS = 3.0
 # A worker still busy this long after its request timed out is stuck in code that never
 # returns to Python (no signal can reach it): the watchdog kills it.
 _WATCHDOG_GRACE_SECONDS = 10.0
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -60,6 +61,8 @@ class Supervisor:
         self.config = config
         self.workers: dict[int, int] = {}  # pid -> row
         self._stopping = False
+        self._stop_signal = signal.SIGTERM.value
+        self._loading = False  # the signal handlers interrupt the load
         self._failures: dict[int, int] = {}  # row -> consecutive quick deaths
 
     def run(self) -> int:
@@ -71,34 +74,32 @@ class Supervisor:
                 "cannot listen on %s:%d: %s", self.config.host, self.config.port, err
             )
             return EXIT_CONFIG
-        responder = LoadingResponder(sock)
+        # From now on SIGTERM/SIGINT stop the server; while loading, by interrupting it.
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        responder = LoadingResponder(sock, header_timeout=self.config.header_timeout)
         responder.start()
-        started = time.monotonic()
         try:
-            model, info = load_model(self.config)
-        except Exception:
-            log.exception("could not load the model from %s", self.config.model_dir)
-            responder.stop()
+            loaded = self._load()
+        except _Interrupted as stop:
+            responder.stop(shutting_down=True)
+            sock.close()
+            log.info("received %s while loading the model; stopping", stop.signal_name)
+            log.info("stopped")
+            return 0
+        responder.stop(shutting_down=not loaded or self._stopping)
+        if not loaded:
             return EXIT_LOAD_FAILED
-        # Imported after MLflow's environment is set up, and before forking so that
-        # workers share them instead of importing them each.
-        import uvicorn  # noqa: F401, PLC0415
-
-        from packager_server.app import ServerInfo  # noqa: PLC0415
-        from packager_server.metrics import SharedMetrics  # noqa: PLC0415
-        from packager_server.scoring import Scorer  # noqa: PLC0415
-
-        scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
-        _warm_up(scorer, self.config.model_dir)
-        load_seconds = time.monotonic() - started
-        self.info = ServerInfo(load_seconds=load_seconds, **info)
-        self.scorer, self.metrics, self.sock = scorer, SharedMetrics(self.config.workers), sock
-        responder.stop()
+        self.sock = sock
+        if self._stopping:  # the signal came between the load and here
+            sock.close()
+            log.info("stopped")
+            return 0
         log.info(
             "model %s version %s loaded in %.2fs; starting %d worker(s) on %s:%d",
             self.info.model_name,
             self.info.model_version,
-            load_seconds,
+            self.info.load_seconds,
             self.config.workers,
             self.config.host,
             self.config.port,
@@ -107,19 +108,59 @@ class Supervisor:
         # it doesn't dirty (and so copy) their pages.
         gc.collect()
         gc.freeze()
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
         for row in range(self.config.workers):
             self._spawn(row)
         return self._supervise()
 
+    def _load(self) -> bool:
+        """Load and warm up the model; False (logged) if it cannot be loaded.
+
+        Raises :class:`_Interrupted` when SIGTERM or SIGINT arrives meanwhile: the signal
+        handler raises it wherever the load is (in Python code; a load stuck in C code
+        sees it when it returns to Python).
+        """
+        self._loading = True
+        try:
+            if self._stopping:
+                raise _Interrupted(self._stop_signal)
+            started = time.monotonic()
+            try:
+                model, info = load_model(self.config)
+            except Exception:
+                log.exception("could not load the model from %s", self.config.model_dir)
+                return False
+            # Imported after MLflow's environment is set up, and before forking so that
+            # workers share them instead of importing them each.
+            import uvicorn  # noqa: F401, PLC0415
+
+            from packager_server.app import ServerInfo  # noqa: PLC0415
+            from packager_server.metrics import SharedMetrics  # noqa: PLC0415
+            from packager_server.scoring import Scorer  # noqa: PLC0415
+
+            scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
+            _warm_up(scorer, self.config.model_dir)
+            self.info = ServerInfo(load_seconds=time.monotonic() - started, **info)
+            self.scorer, self.metrics = scorer, SharedMetrics(self.config.workers)
+            return True
+        finally:
+            # A signal from here on only sets _stopping (the handler raises no more); one
+            # that arrives before this line still raises, out of this method.
+            self._loading = False
+
     def _on_stop(self, signum: int, frame: object) -> None:  # noqa: ARG002 - signal API
-        if not self._stopping:
-            log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
+        first = not self._stopping
         self._stopping = True
+        self._stop_signal = signum
+        if self._loading:
+            raise _Interrupted(signum)  # logged by run(), outside the interrupted code
+        if first:
+            log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
 
     def _spawn(self, row: int) -> None:
         self.metrics.reset_row(row)  # the row's previous worker may have died predicting
+        # Hold SIGTERM/SIGINT across the fork until the worker has its own handlers: one
+        # arriving before would run the supervisor's handler in the worker, and be lost.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -129,6 +170,7 @@ class Supervisor:
                 log.exception("worker %d failed", row)
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         self.workers[pid] = row
 
     def _supervise(self) -> int:
@@ -192,6 +234,14 @@ class Supervisor:
         return 0
 
 
+class _Interrupted(BaseException):
+    """SIGTERM or SIGINT while the model loads; a BaseException so no loader catches it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signal_name = signal.Signals(signum).name
+
+
 def _reap() -> list[tuple[int, int]]:
     found: list[tuple[int, int]] = []
     while True:
@@ -213,6 +263,7 @@ def _run_worker(supervisor: Supervisor, row: int) -> int:
     # uvicorn re-raises the signal it caught once it has shut down; end quietly then.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _spawn
     server: uvicorn.Server | None = None
 
     def retire() -> None:
@@ -335,60 +386,3 @@ def _bind(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-class LoadingResponder(threading.Thread):
-    """Answers probes on the listening socket until the model is loaded."""
-
-    _LIVE = (b"/live", b"/livez")
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(name="loading-responder", daemon=True)
-        self.sock = sock
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        selector = selectors.DefaultSelector()
-        self.sock.setblocking(False)
-        selector.register(self.sock, selectors.EVENT_READ)
-        try:
-            while not self._stop_event.is_set():
-                for _ in selector.select(timeout=0.1):
-                    try:
-                        conn, _ = self.sock.accept()
-                    except BlockingIOError:
-                        continue
-                    with conn:
-                        self._answer(conn)
-        finally:
-            selector.unregister(self.sock)
-            selector.close()
-
-    def _answer(self, conn: socket.socket) -> None:
-        conn.settimeout(2.0)
-        try:
-            head = conn.recv(8192)
-        except OSError:
-            return
-        parts = head.split(b" ", 2)
-        path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
-        if path in self._LIVE:
-            status, body = b"200 OK", b'{"status": "loading"}'
-        else:
-            status = b"503 Service Unavailable"
-            body = json.dumps(
-                {"error_code": "TEMPORARILY_UNAVAILABLE", "message": "the model is loading"}
-            ).encode()
-        with contextlib.suppress(OSError):
-            conn.sendall(
-                b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\n"
-                b"content-length: "
-                + str(len(body)).encode()
-                + b"\r\nconnection: close\r\n\r\n"
-                + body
-            )
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
-        self.sock.setblocking(True)

@@ -1,10 +1,13 @@
-"""The supervisor's life cycle at its edges."""
+"""The supervisor's life cycle at its edges: a worker killed mid-prediction, and SIGTERM
+before the model has finished loading."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -87,3 +90,24 @@ def test_a_killed_busy_worker_is_replaced_by_one_the_watchdog_leaves_alone(
         assert _busy_workers(server) == 0
         assert server.invoke(ONE_ROW).json() == {"predictions": [3.0]}
     assert "has been predicting for over" not in server.stderr()
+
+
+def test_sigterm_while_loading_exits_0_with_a_log_line(server_models: Path, tmp_path: Path) -> None:
+    env = {"SLEEPY_LOAD_SECONDS": "120"}
+    with run_server(
+        server_models / "sleepy", tmp_path, "--workers", "1", env=env, wait_ready=False
+    ) as server:
+        deadline = time.monotonic() + 60
+        while True:  # loading: alive, not ready
+            with contextlib.suppress(OSError):
+                if _get(f"{server.url}/ready") == 503:
+                    break
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.1)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+    log = server.stderr()
+    assert "received SIGTERM while loading the model" in log, log
+    assert log.rstrip().endswith("stopped"), log
+    with pytest.raises(ConnectionRefusedError):  # and nothing listens any more
+        socket.create_connection(("127.0.0.1", server.port), timeout=2).close()

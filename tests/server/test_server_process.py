@@ -290,6 +290,19 @@ def test_config_from_environment_and_flags(tmp_path: Path) -> None:
         load_config([], {})
 
 
+def test_header_timeout_from_flag_or_environment(tmp_path: Path) -> None:
+    env = {"PACKAGER_MODEL_DIR": str(tmp_path)}
+    assert load_config([], env).header_timeout == 5.0
+    assert load_config([], {**env, "PACKAGER_HEADER_TIMEOUT": "2.5"}).header_timeout == 2.5
+    flagged = load_config(["--header-timeout", "7"], {**env, "PACKAGER_HEADER_TIMEOUT": "2.5"})
+    assert flagged.header_timeout == 7.0
+    for bad in (["--header-timeout", "0"], ["--header-timeout", "nan"]):
+        with pytest.raises(ConfigError, match="header-timeout"):
+            load_config(bad, env)
+    with pytest.raises(ConfigError, match="header timeout"):
+        load_config([], {**env, "PACKAGER_HEADER_TIMEOUT": "-1"})
+
+
 def test_mlflow_requirement_warnings_come_after_ready(server_models: Path, tmp_path: Path) -> None:
     """MLflow's load-time environment check still runs, but no longer delays readiness."""
     model = tmp_path / "model"

@@ -1,0 +1,204 @@
+"""Connections below the ASGI app: who holds a socket, for how long, and what it is told.
+
+Two places accept connections on the one listening socket:
+
+* before workers exist, the supervisor's :class:`LoadingResponder` answers probes while
+  the model loads (``/live``: 200, anything else: 503);
+* then each worker's uvicorn, with the protocol and server classes below.
+
+Both follow the same rules, so that neither slow clients nor a shutdown can cost a
+request its answer:
+
+* **A request head has a deadline** (``--header-timeout``): from a connection's opening,
+  or from the first byte of the next request on a kept-alive one. A client that misses
+  it gets 408 (if it sent anything) and is disconnected: idle or trickling sockets
+  (slowloris) cannot hold a worker's connections, nor starve the probes while loading.
+* **An accepted request is answered.** Stopping (SIGTERM, or a worker retiring after a
+  timeout) closes idle kept-alive connections at once, as uvicorn does; but a connection
+  still waiting for its request head is given a moment for it (uvicorn closes it, and
+  the kernel then resets a request already on its way), and on SIGTERM a worker first
+  accepts what waits in the shared listen backlog (the last process to close the socket
+  makes the kernel reset all of it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+# Most connections the loading responder holds at once; beyond, the oldest is dropped.
+MAX_LOADING_CONNECTIONS = 1000
+_MAX_HEAD = 16 * 1024
+# After answering, read and drop what the client still sends (a POST's body) for this
+# long before closing: closing with unread input makes the kernel reset the connection,
+# and the client may then lose the answer.
+_LINGER_SECONDS = 1.0
+
+
+def http_response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
+    """A complete ``Connection: close`` HTTP/1.1 response with a JSON body."""
+    return (
+        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\n"
+        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
+    ) + (b"" if head_only else body)
+
+
+def _error(code: str, message: str) -> bytes:
+    return json.dumps({"error_code": code, "message": message}).encode()
+
+
+def timeout_response(header_timeout: float) -> bytes:
+    message = f"the request line and headers did not arrive within {header_timeout:g} s"
+    return http_response("408 Request Timeout", _error("BAD_REQUEST", message))
+
+
+_LOADING = _error("TEMPORARILY_UNAVAILABLE", "the model is loading")
+_STARTING = _error("TEMPORARILY_UNAVAILABLE", "the server is starting; retry")
+_STOPPING = _error("TEMPORARILY_UNAVAILABLE", "the server is stopping")
+
+
+@dataclass(eq=False)
+class _Client:
+    sock: socket.socket
+    deadline: float  # for the request head; once answered, for the linger
+    head: bytearray = field(default_factory=bytearray)
+    answered: bool = False
+
+
+class LoadingResponder(threading.Thread):
+    """Answers probes on the listening socket until the model is loaded.
+
+    One thread and one selector over non-blocking sockets: it accepts every waiting
+    connection, reads each one's request head as it arrives, and answers it as soon as
+    it is complete, so a probe is answered at once however many other connections are
+    open, idle or slow. ``/live`` and ``/livez`` get 200, anything else 503 (not ready).
+    """
+
+    _LIVE = (b"/live", b"/livez")
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        header_timeout: float,
+        max_connections: int = MAX_LOADING_CONNECTIONS,
+    ) -> None:
+        super().__init__(name="loading-responder", daemon=True)
+        self.sock = sock
+        self.header_timeout = header_timeout
+        self.max_connections = max_connections
+        self._stop_event = threading.Event()
+        self._last_word = _STARTING
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._clients: dict[socket.socket, _Client] = {}  # in order of arrival
+        self._selector = selectors.DefaultSelector()
+
+    def run(self) -> None:
+        selector = self._selector
+        self.sock.setblocking(False)
+        selector.register(self.sock, selectors.EVENT_READ)
+        selector.register(self._wake_reader, selectors.EVENT_READ)
+        try:
+            while not self._stop_event.is_set():
+                for key, _ in selector.select(timeout=self._next_deadline()):
+                    if key.fileobj is self.sock:
+                        self._accept()
+                    elif client := self._clients.get(key.fileobj):  # type: ignore[call-overload]
+                        self._read(client)
+                self._expire()
+        finally:
+            for client in list(self._clients.values()):
+                # The model is loaded (or the server stops): an unfinished request is told
+                # so; a retry goes to a worker.
+                if client.head and not client.answered:
+                    self._send(client, http_response("503 Service Unavailable", self._last_word))
+                self._close(client)
+            selector.close()
+
+    def stop(self, *, shutting_down: bool = False) -> None:
+        """Stop answering; connections still open are closed (503 if they sent a part)."""
+        if shutting_down:
+            self._last_word = _STOPPING
+        self._stop_event.set()
+        with contextlib.suppress(OSError):
+            self._wake_writer.send(b"x")
+        self.join()
+        self._wake_reader.close()
+        self._wake_writer.close()
+        self.sock.setblocking(True)
+
+    def _next_deadline(self) -> float:
+        if not self._clients:
+            return 1.0
+        soonest = min(client.deadline for client in self._clients.values())
+        return max(0.0, min(1.0, soonest - time.monotonic()))
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return
+            except OSError:  # out of file descriptors, say: make room and retry later
+                if self._clients:
+                    self._close(next(iter(self._clients.values())))
+                return
+            if len(self._clients) >= self.max_connections:
+                self._close(next(iter(self._clients.values())))
+            conn.setblocking(False)
+            client = _Client(conn, time.monotonic() + self.header_timeout)
+            self._clients[conn] = client
+            self._selector.register(conn, selectors.EVENT_READ)
+
+    def _read(self, client: _Client) -> None:
+        try:
+            data = client.sock.recv(65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._close(client)
+        elif not client.answered:
+            client.head += data
+            if b"\r\n\r\n" in client.head or b"\n\n" in client.head:
+                self._answer(client)
+            elif len(client.head) > _MAX_HEAD:
+                self._answer(client)  # from its request line; the rest is dropped
+
+    def _answer(self, client: _Client) -> None:
+        request_line = bytes(client.head.split(b"\n", 1)[0])
+        parts = request_line.split(b" ")
+        path = parts[1].split(b"?", 1)[0] if len(parts) > 1 else b""
+        head_only = parts[0] == b"HEAD"
+        if path in self._LIVE:
+            response = http_response("200 OK", b'{"status": "loading"}', head_only=head_only)
+        else:
+            response = http_response("503 Service Unavailable", _LOADING, head_only=head_only)
+        self._send(client, response)
+        client.answered = True
+        client.deadline = time.monotonic() + _LINGER_SECONDS
+        with contextlib.suppress(OSError):
+            client.sock.shutdown(socket.SHUT_WR)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for client in [c for c in self._clients.values() if c.deadline <= now]:
+            if client.head and not client.answered:
+                self._send(client, timeout_response(self.header_timeout))
+            self._close(client)
+
+    def _send(self, client: _Client, response: bytes) -> None:
+        # A fresh connection's send buffer is empty: a small answer goes out whole.
+        with contextlib.suppress(OSError):
+            client.sock.send(response)
+
+    def _close(self, client: _Client) -> None:
+        del self._clients[client.sock]
+        self._selector.unregister(client.sock)
+        client.sock.close()
