@@ -84,6 +84,11 @@ class ServeCommand:
     provenance: Provenance
 
 
+# What packager_server imports besides MLflow: its HTTP server, and what MLflow's scoring
+# reads requests into (mlflow-skinny, packager's own dependency, has neither).
+_SERVER_MODULES = ("uvicorn", "numpy", "pandas")
+
+
 def serve_command(
     reference: str,
     serve: ServeOptions,
@@ -98,10 +103,13 @@ def serve_command(
     The server runs in the current Python environment, which must have the model's own
     requirements installed (``packager inspect`` lists them).
     """
-    if importlib.util.find_spec("uvicorn") is None:
+    missing = [m for m in _SERVER_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
         raise UsageError(
-            "packager serve needs the server's dependencies in this environment",
-            hint="pip install 'mlflow-packager[server]'",
+            f"packager serve runs the server in this Python environment, which lacks "
+            f"{', '.join(missing)}",
+            hint="pip install 'mlflow-packager[server]' (and the model's own requirements: "
+            "packager inspect lists them)",
         )
     ref = parse_reference(reference, cwd=cwd or Path.cwd())
     sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
