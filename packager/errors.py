@@ -30,6 +30,7 @@ code  class                             meaning
 19    ImageBuildError                   the engine failed to build (or import) an image
 20    ImageTestError                    the image does not serve its model correctly
 21    PushError                         the registry refused the image or did not confirm it
+22    IndexAuthError                    a package index refused us: credentials missing or wrong
 130   (Ctrl-C)                          interrupted; nothing half-written is kept
 ====  ================================  ==============================================
 """
@@ -179,6 +180,12 @@ class PushError(PackagerError):
     exit_code = 21
 
 
+class IndexAuthError(PackagerError):
+    """A package index refused packager (401/403): its credentials are missing or wrong."""
+
+    exit_code = 22
+
+
 ALL_ERRORS: tuple[type[PackagerError], ...] = (
     UsageError,
     ModelNotFoundError,
@@ -200,4 +207,5 @@ ALL_ERRORS: tuple[type[PackagerError], ...] = (
     ImageBuildError,
     ImageTestError,
     PushError,
+    IndexAuthError,
 )

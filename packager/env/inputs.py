@@ -6,30 +6,37 @@ directory, so resolvers treat them as packages (with hashes) instead of paths:
 * ``wheels/x.whl`` (``add_libraries_to_model``): the model's own ``wheels/`` directory;
 * an absolute path (``/dbfs/…/x.whl``, written by MLflow on Databricks): the file if it
   exists here, else a wheel of that name in a ``--wheel-dir``, else an error that says how
-  to provide it.
+  to provide it;
+* a direct URL to a wheel (``pkg @ https://host/pkg-1.0-py3-none-any.whl``): the same
+  wheel from a ``--wheel-dir`` (or the file itself for a ``file:`` URL that exists here).
+  packager never fetches a URL a model names, and any other direct URL (``git+``, an
+  sdist) is refused with the line and what to do instead.
 
 Credentials: requirement files carry index URLs without credentials (the spec strips
 them). Credentials come from the options (``--index-url https://user:token@…``, or
 ``PIP_INDEX_URL``/``PIP_EXTRA_INDEX_URL``), matched to the requirement file's indexes by
 host and path, or from ``~/.netrc`` (``NETRC``), which uv and pip read themselves. They are
-passed to the tools through the environment, never on a command line.
+passed to the tools through the environment, never on a command line. An index line that
+carried credentials in the model is refused unless the options or netrc provide that index
+(see ``_Collector._index`` for why they are not used).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import netrc
 import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from packaging.requirements import Requirement
 from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
 
 from packager.digest import hash_file
 from packager.env.target import Target
-from packager.errors import MissingWheelError, UnsupportedRequirementError
+from packager.errors import IndexAuthError, MissingWheelError, UnsupportedRequirementError
 from packager.redact import redact_uri
 from packager.spec import LineKind, ModelSpec, RequirementLine
 from packager.spec.model import PYFUNC
@@ -174,20 +181,85 @@ class _Collector:
             handler(line, where)
 
     def _requirement(self, line: RequirementLine, where: str) -> None:
-        if line.constraint:
+        if line.url is not None:
+            self._direct_url(line, where)
+        elif line.constraint:
             self.constraints.append(line.text)
         else:
             self.requirements.append((line.text, where))
 
     def _wheel(self, line: RequirementLine, where: str) -> None:
         path = _locate_wheel(self.spec, line, self.options)
-        self.requirements.append((_wheel_pin(path, where), where))
+        self._add_wheel(path, _wheel_pin(path, where), where)
+
+    def _add_wheel(self, path: Path, pin: str, where: str, *, constraint: bool = False) -> None:
+        if constraint:
+            self.constraints.append(pin)
+        else:
+            self.requirements.append((pin, where))
         if path.parent not in self.find_links:
             self.find_links.append(path.parent)
         relative = _relative_to(path, self.spec.path) or ""
         self.local_wheels.append((path.name, self._hashes.get(relative) or hash_file(path)))
 
-    def _index(self, line: RequirementLine, where: str) -> None:  # noqa: ARG002 - handler API
+    def _direct_url(self, line: RequirementLine, where: str) -> None:
+        """``name @ URL``: a copy of the URL's wheel the user provides (in a ``--wheel-dir``,
+        or the file of a ``file:`` URL, as for absolute wheel paths), else refused.
+
+        Handing the URL to the resolver would lock nothing usable: uv writes
+        ``name @ URL`` into its output, which is not a ``name==version`` pin the lock format,
+        the wheelhouse and the image's offline install can use. And the URL is the model's,
+        not the user's: packager would fetch whatever host a model names, whose bytes may
+        change under the same URL. A wheel file the user provides is locked by its hash,
+        like the model's own ``wheels/``.
+        """
+        url = urlsplit(line.url or "")
+        file_name = PurePosixPath(unquote(url.path)).name
+        path = None
+        if file_name.endswith(".whl"):
+            local = Path(unquote(url.path))
+            if url.scheme == "file" and not url.netloc and local.is_file():
+                path = local
+            else:
+                path = next(
+                    (d / file_name for d in self.options.wheel_dirs if (d / file_name).is_file()),
+                    None,
+                )
+        if path is None:
+            raise UnsupportedRequirementError(
+                f"{where}: {line.text!r} installs {line.name} from a URL; packager locks "
+                "packages from indexes and wheel files by hash, and does not fetch URLs a "
+                "model names",
+                hint=_direct_url_hint(line, file_name),
+            )
+        name, _, version = _wheel_pin(path, where).partition("==")
+        if name != line.name:
+            raise UnsupportedRequirementError(
+                f"{where}: {path} is not a wheel of {line.name}, which {line.text!r} requires"
+            )
+        extras = f"[{','.join(line.extras)}]" if line.extras else ""
+        marker = f" ; {line.marker}" if line.marker else ""
+        pin = f"{name}{extras}=={version}{marker}"
+        self._add_wheel(path, pin, where, constraint=line.constraint)
+
+    def _index(self, line: RequirementLine, where: str) -> None:
+        # A password in the model's own index line is not used, on purpose. The spec drops
+        # it when parsing (secrets never enter specs, which `inspect` prints and every stage
+        # reads), and it belongs to whoever logged the model: anyone who can read the model
+        # can read it, it cannot be rotated without logging the model again, and packager
+        # cannot tell whether it is still meant to be used. Locking without it would end in
+        # the index's 401 after a resolver run, so refuse now, naming the line and the
+        # doors that keep credentials out of argv, logs and locks (options, PIP_* variables
+        # and netrc). Giving the index through one of them is the user's answer, with or
+        # without credentials (an index that needs none).
+        if line.had_credentials and not _index_given(line.url or "", self.options):
+            raise IndexAuthError(
+                f"{where}: the model's requirements give credentials for the package index "
+                f"{line.url}; packager does not use credentials stored in a model",
+                hint=f"pass the index with its credentials when locking: {HOW_TO_AUTHENTICATE}"
+                "; a token stored in a model is readable by everyone who can read the model: "
+                "consider rotating it",
+            )
         if line.kind is LineKind.INDEX_URL:
             self.index_url = line.url
         else:
@@ -288,17 +360,59 @@ def _find_links_dir(spec: ModelSpec, line: RequirementLine) -> Path:
     )
 
 
+# How to give an index's credentials. Written without a scheme: error output is scrubbed
+# of every URL's user info, and an example URL with USER:TOKEN in it would lose it.
+HOW_TO_AUTHENTICATE = (
+    "--extra-index-url (or --index-url) with USER:TOKEN@ before the host, or the same URL "
+    "in PIP_EXTRA_INDEX_URL (PIP_INDEX_URL), or a 'machine HOST login USER password TOKEN' "
+    "line in ~/.netrc (or the file NETRC names)"
+)
+
+
+def _direct_url_hint(line: RequirementLine, file_name: str) -> str:
+    if file_name.endswith(".whl"):
+        return (
+            f"download {file_name} yourself (check it is the file you expect), put it in a "
+            "directory and pass --wheel-dir DIR: it is locked by its hash like the model's "
+            f"own wheels; or publish it to a package index and log the model requiring "
+            f"{line.name}==VERSION (pass the index with --extra-index-url)"
+        )
+    return (
+        f"build {line.name} into a wheel and publish it to a package index, then log the "
+        f"model requiring {line.name}==VERSION (pass the index with --extra-index-url); or "
+        "log the model with the wheel inside it (mlflow's add_libraries_to_model puts it in "
+        "wheels/)"
+    )
+
+
+def _index_given(url: str, options: IndexOptions) -> bool:
+    """The user gave this index (same host and path) in the options, or its host in netrc."""
+    wanted = index_key(url)
+    if any(
+        candidate and index_key(candidate) == wanted
+        for candidate in (options.index_url, *options.extra_index_urls)
+    ):
+        return True
+    # uv and pip read NETRC, else ~/.netrc, for hosts the URL gives no credentials for.
+    path = os.environ.get("NETRC") or str(Path.home() / ".netrc")
+    try:
+        return netrc.netrc(path).authenticators(wanted[0]) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
 def _with_credentials(url: str | None, options: IndexOptions) -> str | None:
     """The user's credentialed URL for the same index (same host and path), if any."""
     if url is None:
         return None
-    wanted = _index_key(url)
+    wanted = index_key(url)
     for candidate in (options.index_url, *options.extra_index_urls):
-        if candidate and _index_key(candidate) == wanted:
+        if candidate and index_key(candidate) == wanted:
             return candidate
     return url
 
 
-def _index_key(url: str) -> tuple[str, str]:
+def index_key(url: str) -> tuple[str, str]:
+    """What identifies an index whatever its credentials: host and path."""
     parts = urlsplit(url)
     return (parts.hostname or "", parts.path.rstrip("/"))

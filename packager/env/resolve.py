@@ -23,11 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal, Protocol
+from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from packaging.version import InvalidVersion, Version
 
-from packager.env.inputs import LockInputs
+from packager.env.inputs import HOW_TO_AUTHENTICATE, LockInputs, index_key
 from packager.env.lock import (
     Lock,
     packages_from,
@@ -37,6 +39,7 @@ from packager.env.lock import (
 )
 from packager.errors import (
     CommandFailedError,
+    IndexAuthError,
     LockError,
     PackagerError,
     ResolutionError,
@@ -145,6 +148,8 @@ class PipToolsResolver(_ToolResolver):
                 hint="use --resolver uv, which locks for any target, or run packager with "
                 f"a Python {inputs.target.python} interpreter on {inputs.target.platform}",
             )
+        # Not --quiet: it also hides pip's "401 Error, Credentials not correct for URL",
+        # and then an index's refusal reads as "no matching distribution".
         argv = [
             self.exe,
             "--generate-hashes",
@@ -154,7 +159,6 @@ class PipToolsResolver(_ToolResolver):
             "--strip-extras",
             "--no-emit-index-url",
             "--no-emit-find-links",
-            "--quiet",
             "--output-file",
             "lock.txt",
             "model.in",
@@ -244,16 +248,24 @@ def _verify(locked: Lock, inputs: LockInputs, source: str) -> None:
 
 def _resolution_error(
     err: CommandFailedError, inputs: LockInputs, resolver: str
-) -> ResolutionError:
-    """Name both sides when the model's pins and the server's needs collide."""
+) -> ResolutionError | IndexAuthError:
+    """Say what went wrong: an index's refusal first, since resolvers report a package on
+    an index that answered 401 as missing (and so as a conflict of whatever pins it)."""
     output = err.output
+    refused = _auth_failure(output, inputs, resolver)
+    if refused is not None:
+        return refused
     model = {
         canonicalize_name(Requirement(r).name): (r, where) for r, where in inputs.model_requirements
     }
     clashes = []
     for requirement in inputs.server_requirements:
         name = canonicalize_name(Requirement(requirement).name)
-        if name in model and re.search(rf"\b{re.escape(name)}\b", output, re.IGNORECASE):
+        if (
+            name in model
+            and _may_clash(model[name][0], requirement)
+            and re.search(rf"\b{re.escape(name)}\b", output, re.IGNORECASE)
+        ):
             text, where = model[name]
             clashes.append(
                 f"the model requires {text} ({where}); packager_server requires {requirement}"
@@ -263,13 +275,6 @@ def _resolution_error(
             "the model's requirements conflict with the scoring server's:\n  "
             + "\n  ".join(clashes),
             hint="relax the model's pin (log the model again with a compatible version)",
-        )
-    if any(s in output for s in ("401", "403", "authentication credentials")):
-        return ResolutionError(
-            f"a package index refused the credentials while locking with {resolver}:\n"
-            f"{output[-3000:]}",
-            hint="give the index's credentials in ~/.netrc (or NETRC), or pass its URL with "
-            "them: --index-url/--extra-index-url https://USER:TOKEN@host/simple",
         )
     if "Failed to fetch" in output or "Could not fetch" in output or "connect" in output.lower():
         return ResolutionError(
@@ -281,6 +286,83 @@ def _resolution_error(
         f"the requirements cannot be resolved with {resolver}:\n{output[-3000:]}",
         hint="the lines above name the conflicting pins",
     )
+
+
+# What uv (0.13) and pip say when an index answers 401 or 403, with the URL they asked.
+_REFUSALS = (
+    re.compile(r"index URL \((?P<url>\S+)\) could not be queried .*\((?P<status>401 \w+)\)"),
+    re.compile(r"index \((?P<url>\S+)\) returned a (?P<status>403 \w+) error"),
+    re.compile(r"(?P<status>40[13]) Error, Credentials not correct for (?P<url>\S+)"),
+    re.compile(r"\((?P<status>40[13] \w+)\) for url \((?P<url>[^)\s]+)\)"),
+)
+# Other wordings (another version of either tool): a refusal, without a URL we can parse.
+_ANY_REFUSAL = re.compile(
+    r"\b(401 Unauthori[sz]ed|403 Forbidden|40[13] Client Error)|authentication credentials",
+    re.IGNORECASE,
+)
+
+
+def _auth_failure(output: str, inputs: LockInputs, resolver: str) -> IndexAuthError | None:
+    """An :class:`IndexAuthError` naming each index that answered 401/403, if one did."""
+    ours = [u for u in (inputs.index_url, *inputs.extra_index_urls) if u]
+    hint = (
+        f"pass the index with its credentials: {HOW_TO_AUTHENTICATE}; packager never uses "
+        "credentials written in the model's requirements"
+    )
+    refusals: dict[str, str] = {}
+    for pattern in _REFUSALS:
+        for found in pattern.finditer(output):
+            index = _index_for(found["url"], ours)
+            status = {"401": "401 Unauthorized", "403": "403 Forbidden"}.get(
+                found["status"], found["status"]
+            )
+            if "@" in urlsplit(index).netloc:
+                why = "it refused the credentials given with its URL"
+            else:
+                why = "no credentials were given with its URL, and netrc has none it accepts"
+            refusals.setdefault(redact_uri(index), f"{status}: {why}")
+    if refusals:
+        return IndexAuthError(
+            "\n".join(
+                f"the package index {url} answered {why} (while locking with {resolver})"
+                for url, why in refusals.items()
+            ),
+            hint=hint,
+        )
+    if _ANY_REFUSAL.search(output):
+        named = ", ".join(redact_uri(u) for u in ours) or "the default index"
+        return IndexAuthError(
+            f"a package index ({named}) refused packager (401/403) while locking with "
+            f"{resolver}:\n{output[-3000:]}",
+            hint=hint,
+        )
+    return None
+
+
+def _index_for(url: str, indexes: list[str]) -> str:
+    """The index ``url`` belongs to: pip names a project page (``/simple/six/``), uv may name
+    a file (``/files/six.whl``) on the index's host."""
+    host, path = index_key(url)
+    for index in indexes:
+        index_host, index_path = index_key(index)
+        if host == index_host and (path == index_path or path.startswith(index_path + "/")):
+            return index
+    return next((i for i in indexes if index_key(i)[0] == host), url)
+
+
+def _may_clash(model_requirement: str, server_requirement: str) -> bool:
+    """False when the model's exact pin is inside the server's range: these two agree, and
+    the failure lies elsewhere (an index's refusal, a missing version, another package)."""
+    pins = [
+        s.version
+        for s in Requirement(model_requirement).specifier
+        if s.operator in ("==", "===") and "*" not in s.version
+    ]
+    server = Requirement(server_requirement).specifier
+    try:
+        return not pins or not all(server.contains(Version(v), prereleases=True) for v in pins)
+    except InvalidVersion:
+        return True
 
 
 class LockStore:

@@ -39,8 +39,11 @@ def test_private_index_with_basic_auth(
     )
     # No credentials: the index answers 401 and the error names it, without secrets.
     code, out, err = lock_json(capsys, str(model))
-    assert code == 15
-    assert private_index.url.split("/simple")[0] in out["error"]["message"] + err
+    assert code == 22
+    assert out["error"]["message"] == (
+        f"the package index {private_index.url} answered 401 Unauthorized: no credentials were "
+        "given with its URL, and netrc has none it accepts (while locking with uv)"
+    )
     # Credentials from --extra-index-url, matched to the model's index by host and path.
     lock_path = tmp_path / "model.lock"
     code, out, err = lock_json(
@@ -173,16 +176,25 @@ def test_registered_models_with_their_own_wheels(
     wheel = next(f for f in out["wheelhouse"]["files"] if f["name"] == "acme-featurizer")
     assert "sha256:" + wheel["sha256"] in acme["hashes"]
     assert any("packager_server" in via for p in out["packages"] for via in p["via"])
-    # A /dbfs/… wheel path: an error naming the file until --wheel-dir provides it.
+    # Its requirements.txt names the private index with the credentials it was logged
+    # with: refused (not silently dropped) until the user gives that index's credentials.
     code, out, _ = lock_json(capsys, "models:/abs-wheel-path/1")
+    assert code == 22
+    assert out["error"]["message"] == (
+        f"requirements.txt:2: the model's requirements give credentials for the package index "
+        f"{private_index.url}; packager does not use credentials stored in a model"
+    )  # line 1 is the mlflow pin MLflow adds
+    assert private_index.password not in json.dumps(out)
+    creds = ("--extra-index-url", private_index.url_with_credentials)
+    # A /dbfs/… wheel path: an error naming the file until --wheel-dir provides it.
+    code, out, _ = lock_json(capsys, "models:/abs-wheel-path/1", *creds)
     assert code == 13
     assert (
         "/dbfs/FileStore/wheels/acme_featurizer-0.1.0-py3-none-any.whl" in out["error"]["message"]
     )
     assert "--wheel-dir" in out["error"]["hint"]
     wheel_dir = private_wheels["acme-featurizer"].parent
-    # Its requirements.txt also names the private index (credentials stripped by the spec):
-    # the user's credentialed URL for that index is matched to it.
+    # The user's credentialed URL for that index is matched to it (by host and path).
     code, out, _ = lock_json(
         capsys,
         "models:/abs-wheel-path/1",

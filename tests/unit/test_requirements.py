@@ -94,3 +94,24 @@ def test_include_loop_is_rejected(tmp_path: Path) -> None:
     _write(tmp_path, {"requirements.txt": "-r other.txt\n", "other.txt": "-r requirements.txt\n"})
     with pytest.raises(ModelFormatError, match="in a loop"):
         parse_requirements_file(tmp_path, "requirements.txt")
+
+
+def test_credentials_are_removed_and_their_removal_is_recorded(tmp_path: Path) -> None:
+    _write(
+        tmp_path,
+        {
+            "requirements.txt": (
+                "--extra-index-url https://ci:SECRET-in-model@pkgs.example.com/simple\n"
+                "--index-url https://pypi.org/simple\n"
+                "private @ https://user:SECRET-in-url@files.example.com/private-1.0.tar.gz\n"
+                "public @ https://files.example.com/public-1.0-py3-none-any.whl\n"
+                "six==1.17.0\n"
+            )
+        },
+    )
+    lines = parse_requirements_file(tmp_path, "requirements.txt")
+    assert [line.had_credentials for line in lines] == [True, False, True, False, False]
+    assert lines[0].url == "https://pkgs.example.com/simple"
+    assert lines[2].url == "https://files.example.com/private-1.0.tar.gz"
+    # The fact is kept, never the secret.
+    assert "SECRET" not in repr(lines)
