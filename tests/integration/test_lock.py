@@ -4,7 +4,14 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +386,162 @@ def test_a_package_without_a_wheel(
         assert built["filename"].startswith("acme_sdist_only-1.0.0-py3-none-any")
     finally:
         index.stop()
+
+
+# Item 12 of the trust-boundaries issue: what a model's own requirements may not do.
+
+
+@dataclass
+class LocalServer:
+    """An HTTP server on 127.0.0.1 that records every request's path and headers."""
+
+    port: int
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+
+    @property
+    def index(self) -> str:
+        return f"http://127.0.0.1:{self.port}/simple"
+
+
+@contextmanager
+def local_server(status: int, files: dict[str, bytes] | None = None) -> Iterator[LocalServer]:
+    """Answers ``files[path]`` with 200, everything else with ``status`` (401: basic auth)."""
+    served = files or {}
+    server = LocalServer(port=0)
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            server.requests.append((self.path, dict(self.headers.items())))
+            body = served.get(self.path)
+            self.send_response(200 if body is not None else status)
+            if status == 401:
+                self.send_header("WWW-Authenticate", 'Basic realm="private"')
+            self.send_header("Content-Length", str(len(body or b"")))
+            self.end_headers()
+            if body is not None and self.command == "GET":
+                self.wfile.write(body)
+
+        def do_HEAD(self) -> None:
+            self.do_GET()
+
+    http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.port = int(http.server_address[1])
+    thread = threading.Thread(target=http.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        http.shutdown()
+        http.server_close()
+        thread.join(timeout=10)
+
+
+def lock_debug(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any], str]:
+    """``lock --debug --json``: every log line (commands run included) lands in ``err``."""
+    code = main(["lock", *args, "--json", "--debug"])
+    out, err = capsys.readouterr()
+    return code, json.loads(out) if out.strip() else {}, err
+
+
+def everything_written(cache_dir: Path, *texts: str) -> str:
+    """``texts`` and every lock and wheel packager cached."""
+    made = [cache_dir / "locks", cache_dir / "wheels"]
+    files = [
+        p.read_bytes().decode(errors="replace") for d in made for p in d.rglob("*") if p.is_file()
+    ]
+    return "\n".join([*texts, *files])
+
+
+def test_credentials_in_the_models_index_line_and_an_index_that_answers_401(
+    tmp_path: Path,
+    cache_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    secret = "SECRET-in-the-model-4711"
+    with local_server(401) as index:
+        model = small_model(
+            tmp_path,
+            f"--extra-index-url http://ci:{secret}@127.0.0.1:{index.port}/simple\nmlflow==2.16.2\n",
+        )
+        # The password in the model is neither dropped silently nor used: refused up front,
+        # naming the line and how to pass credentials, before anything is asked of the index.
+        code, out, err = lock_debug(capsys, str(model), "--mlflow-skinny")
+        assert code == 22, out
+        assert out["error"]["type"] == "IndexAuthError"
+        assert out["error"]["message"] == (
+            f"requirements.txt:1: the model's requirements give credentials for the package "
+            f"index {index.index}; packager does not use credentials stored in a model"
+        )
+        assert "--extra-index-url" in out["error"]["hint"]
+        assert index.requests == []
+        seen = [err, json.dumps(out)]
+        # The user names the index without credentials: uv gets the index's 401, and it is
+        # reported as the index refusing us (it used to be "the model's requirements conflict
+        # with the scoring server's" about mlflow-skinny==2.16.2 and mlflow-skinny>=2.9).
+        code, out, err = lock_debug(
+            capsys, str(model), "--mlflow-skinny", *("--extra-index-url", index.index)
+        )
+        assert code == 22, out
+        assert out["error"]["message"] == (
+            f"the package index {index.index} answered 401 Unauthorized: no credentials were "
+            "given with its URL, and netrc has none it accepts (while locking with uv)"
+        )
+        assert "conflict" not in json.dumps(out)
+        assert index.requests, "uv asked the index"
+        seen += [err, json.dumps(out)]
+        # Wrong credentials from the environment: said so, and never shown.
+        wrong = "WRONG-token-0815"
+        monkeypatch.setenv(
+            "PIP_EXTRA_INDEX_URL", f"http://bob:{wrong}@127.0.0.1:{index.port}/simple"
+        )
+        code, out, err = lock_debug(capsys, str(model), "--mlflow-skinny")
+        assert code == 22, out
+        assert out["error"]["message"] == (
+            f"the package index {index.index} answered 401 Unauthorized: it refused the "
+            "credentials given with its URL (while locking with uv)"
+        )
+        seen += [err, json.dumps(out)]
+        assert wrong not in everything_written(cache_dir, *seen)
+    # The model's password reached no output, log line, error, cached file, nor the index.
+    assert secret not in everything_written(cache_dir, *seen)
+    assert "running: " in seen[2]  # the debug log was captured, commands included
+    sent = [h.get("Authorization", "") for _, h in index.requests]
+    assert not any(secret in base64.b64decode(a.split()[-1]).decode() for a in sent if a)
+    assert not list(cache_dir.rglob("locks/v1/*.txt"))
+
+
+def test_direct_url_requirements(
+    tmp_path: Path, cache_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.fixtures.wheelmaker import build_wheel
+
+    wheel = build_wheel(tmp_path / "mine", "somepkg", "1.0", {"somepkg/__init__.py": "VALUE = 1\n"})
+    with local_server(404, {f"/{wheel.name}": wheel.read_bytes()}) as files:
+        url = f"http://127.0.0.1:{files.port}/{wheel.name}"
+        model = small_model(tmp_path, f"somepkg @ {url}\nsix==1.17.0\n")
+        # Refused up front with the line (it used to fail parsing uv's output:
+        # "uv's output:…: 'somepkg @ http://…' is not pinned with ==").
+        code, out, _ = lock_json(capsys, str(model))
+        assert code == 14, out
+        assert out["error"]["message"].startswith(
+            f"requirements.txt:1: 'somepkg @ {url}' installs somepkg from a URL"
+        )
+        assert f"download {wheel.name}" in out["error"]["hint"]
+        assert "--wheel-dir" in out["error"]["hint"]
+        # The user's copy of that wheel is locked by its hash, and the URL is never fetched.
+        lock_path = tmp_path / "model.lock"
+        code, out, _ = lock_json(
+            capsys, str(model), "--wheel-dir", str(wheel.parent), "--download", "-o", str(lock_path)
+        )
+        assert code == 0, out
+        assert files.requests == []
+    locked = parse_lock(lock_path.read_text()).get("somepkg")
+    assert locked is not None
+    assert locked.version == "1.0"
+    assert locked.hashes == ("sha256:" + hashlib.sha256(wheel.read_bytes()).hexdigest(),)
+    assert any(f["filename"] == wheel.name for f in out["wheelhouse"]["files"])
