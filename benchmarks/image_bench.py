@@ -177,8 +177,12 @@ def forget_earlier_runs() -> None:
 
 
 def register(directory: Path) -> None:
+    """Register one more version of the example model (the first, then a new run)."""
     subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "register_example.py"), "--dir", str(directory)],
+        [
+            *(sys.executable, str(ROOT / "examples" / "register_example.py")),
+            *("--dir", str(directory), "--new-version"),
+        ],
         check=True,
         capture_output=True,
     )
@@ -208,7 +212,8 @@ def main() -> None:
         common = ["--base-image", BENCH_BASE]
 
         figures["docker_cold"], _ = packager(
-            ["build", v1, "-t", "bench/packager-docker:1", *common], docker_env
+            ["build", v1, "--backend", "docker", "-t", "bench/packager-docker:1", *common],
+            docker_env,
         )
         figures["docker_size"] = image_size("bench/packager-docker:1")
         figures["oci_cold"], oci_built = packager(
@@ -250,7 +255,8 @@ def main() -> None:
         figures["keep_tests_size"] = image_size("bench/packager-tests:1")
         register(registry)  # version 2: same requirements, new run
         figures["docker_new_version"], _ = packager(
-            ["build", v2, "-t", "bench/packager-docker:2", *common], docker_env
+            ["build", v2, "--backend", "docker", "-t", "bench/packager-docker:2", *common],
+            docker_env,
         )
         figures["oci_new_version"], oci_v2 = packager(
             ["build", v2, "--backend", "oci", "-o", str(work / "oci"), *common], oci_env

@@ -3,7 +3,8 @@
 No tracking server is needed: MLflow writes the registry to ``<dir>/mlflow.db`` and the
 artifacts to ``<dir>/artifacts``. The model is the one the benchmarks use: a decision tree
 on the wine data (13 double columns), wrapped in a PythonModel, registered as
-``wine-classifier`` with the alias ``@champion``. Each run registers one more version.
+``wine-classifier`` with the alias ``@champion``. A second run reuses the version the
+alias points to; ``--new-version`` registers one more (a new run, same requirements).
 
     python examples/register_example.py --dir .packager-demo
     export MLFLOW_TRACKING_URI=sqlite:///.packager-demo/mlflow.db
@@ -46,11 +47,15 @@ class WineClassifier(PythonModel):
         return [int(v) for v in self.tree.predict(model_input)]
 
 
-def register(directory: Path) -> dict[str, str]:
+def register(directory: Path, *, new_version: bool = False) -> dict[str, str]:
     directory = directory.resolve()
     directory.mkdir(parents=True, exist_ok=True)
     tracking_uri = f"sqlite:///{directory / 'mlflow.db'}"
     mlflow.set_tracking_uri(tracking_uri)
+    if not new_version:
+        existing = _champion()
+        if existing is not None:
+            return _refs(tracking_uri, existing)
     experiment = "packager-example"
     if mlflow.get_experiment_by_name(experiment) is None:
         mlflow.create_experiment(experiment, artifact_location=(directory / "artifacts").as_uri())
@@ -79,6 +84,20 @@ def register(directory: Path) -> dict[str, str]:
     client = MlflowClient()
     client.set_registered_model_alias(MODEL_NAME, "champion", version)
     client.update_model_version(MODEL_NAME, version, description="wine classifier example")
+    return _refs(tracking_uri, version)
+
+
+def _champion() -> str | None:
+    """The version @champion points to, if the example was registered before."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(MlflowClient().get_model_version_by_alias(MODEL_NAME, "champion").version)
+    except MlflowException:
+        return None
+
+
+def _refs(tracking_uri: str, version: str) -> dict[str, str]:
     return {
         "tracking_uri": tracking_uri,
         "model": f"models:/{MODEL_NAME}/{version}",
@@ -98,8 +117,13 @@ def main() -> None:
         default=Path(".packager-demo"),
         help="where the SQLite registry and artifacts go",
     )
+    parser.add_argument(
+        "--new-version",
+        action="store_true",
+        help="register one more version even if the example is already registered",
+    )
     args = parser.parse_args()
-    print(json.dumps(register(args.dir)))
+    print(json.dumps(register(args.dir, new_version=args.new_version)))
 
 
 if __name__ == "__main__":

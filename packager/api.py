@@ -484,6 +484,11 @@ def epoch_for(provenance: Provenance, spec: ModelSpec) -> int:
     return 0
 
 
+def engine_reachable() -> bool:
+    """Whether a Docker engine answers (for ``build -t`` without an output: load into it)."""
+    return engine.reachable()
+
+
 def build_oci_image(
     reference: str,
     image: ImageOptions,

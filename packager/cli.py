@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,13 @@ exit codes:
 {_EXIT_CODES}
   130  interrupted
 """
+
+
+_MODEL_HELP = f"the model: {FORMS_HELP}"
+_IMAGE_HELP = (
+    "an image in the local engine: NAME:TAG, its id, or REGISTRY/REPO@sha256:DIGEST "
+    "(as `build` and `push` print)"
+)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -112,12 +120,13 @@ def _build_parser() -> argparse.ArgumentParser:
         "  packager inspect runs:/0a1b2c.../model --json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    inspect.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    inspect.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     inspect.set_defaults(handler=_inspect)
 
+    locking = _lock_parser()
     lock = commands.add_parser(
         "lock",
-        parents=[common, registry],
+        parents=[common, registry, locking],
         help="lock the model's requirements for the image, with hashes",
         description="Resolve the model's requirements, its wheels and the scoring server's "
         "needs into one lock: every package pinned with == and its sha256 hashes, for the "
@@ -128,53 +137,16 @@ def _build_parser() -> argparse.ArgumentParser:
         "  packager lock models:/dbx-model/1 --wheel-dir ./wheels --download\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    lock.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    lock.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     lock.add_argument("-o", "--output", type=Path, help="write the lock here (default: stdout)")
-    lock.add_argument("--resolver", choices=["uv", "pip-tools"], default="uv")
-    lock.add_argument("--python", help="target Python X.Y (default: the model's)")
-    lock.add_argument("--platform", default="linux/amd64", choices=["linux/amd64", "linux/arm64"])
-    lock.add_argument(
-        "--lock",
-        type=Path,
-        dest="lock_file",
-        help="use this lock as is, after checking it satisfies the model",
-    )
-    lock.add_argument(
-        "--wheel-dir",
-        type=Path,
-        action="append",
-        default=[],
-        help="directory of wheels (e.g. for /dbfs/... paths); repeatable",
-    )
-    lock.add_argument(
-        "--index-url",
-        help="package index (credentials allowed; default: $PIP_INDEX_URL, or the model's)",
-    )
-    lock.add_argument(
-        "--extra-index-url",
-        action="append",
-        default=[],
-        help="additional index; repeatable (default: $PIP_EXTRA_INDEX_URL)",
-    )
     lock.add_argument(
         "--download",
         action="store_true",
         help="also download every wheel into the cache (the wheelhouse)",
     )
-    lock.add_argument(
-        "--ignore-conda",
-        action="store_true",
-        help="lock only the pip requirements of a model whose conda.yaml has conda packages",
-    )
-    lock.add_argument(
-        "--mlflow-skinny",
-        action="store_true",
-        help="swap mlflow for mlflow-skinny of the same version (plus numpy, pandas, pyarrow) "
-        "for a smaller image; PythonModel and sklearn models only",
-    )
     lock.set_defaults(handler=_lock)
 
-    _add_image_commands(commands, common, registry)
+    _add_image_commands(commands, common, registry, locking)
 
     serve = commands.add_parser(
         "serve",
@@ -189,19 +161,92 @@ def _build_parser() -> argparse.ArgumentParser:
         '    -d \'{"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}\'\n',
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    serve.add_argument("model", metavar="MODEL", help="model reference or local directory")
+    serve.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
     serve.add_argument("--workers", type=int, help="processes (default: the CPU limit)")
     serve.add_argument("--timeout", type=float, help="seconds per request (default 120)")
     serve.add_argument("--max-payload", type=int, help="bytes per request (default 16 MiB)")
-    serve.add_argument("--log-format", choices=["text", "json"])
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="server logs and the access log: text lines, or one JSON object per line "
+        "(default: text)",
+    )
     serve.set_defaults(handler=_serve)
     return parser
 
 
+def _lock_parser() -> argparse.ArgumentParser:
+    """The lock's options, shared by lock, generate and build: a pipeline can build
+    exactly the lock it reviewed (--lock), for the Python and indexes it chose."""
+    locking = argparse.ArgumentParser(add_help=False)
+    locking.add_argument(
+        "--resolver",
+        choices=["uv", "pip-tools"],
+        default="uv",
+        help="uv (default: locks for any Python and platform from any host) or pip-tools "
+        "(pip-compile: only for this machine's Python and platform)",
+    )
+    locking.add_argument(
+        "--python",
+        metavar="X.Y",
+        help="the image's Python (default: the model's, from MLmodel or python_env.yaml)",
+    )
+    locking.add_argument(
+        "--platform",
+        default="linux/amd64",
+        choices=["linux/amd64", "linux/arm64"],
+        help="the image's platform: the lock's wheels are for it, and a base image must be "
+        "built for it (default: linux/amd64)",
+    )
+    locking.add_argument(
+        "--lock",
+        type=Path,
+        dest="lock_file",
+        metavar="FILE",
+        help="use this lock (e.g. kept in git) as is, after checking it satisfies the model",
+    )
+    locking.add_argument(
+        "--wheel-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="directory of wheels the model names by path (e.g. /dbfs/.../lib.whl) or the "
+        "indexes lack; repeatable",
+    )
+    locking.add_argument(
+        "--index-url",
+        metavar="URL",
+        help="package index (credentials allowed; default: $PIP_INDEX_URL, or the model's)",
+    )
+    locking.add_argument(
+        "--extra-index-url",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="additional index; repeatable (default: $PIP_EXTRA_INDEX_URL)",
+    )
+    locking.add_argument(
+        "--ignore-conda",
+        action="store_true",
+        help="lock only the pip requirements of a model whose conda.yaml has conda packages",
+    )
+    locking.add_argument(
+        "--mlflow-skinny",
+        action="store_true",
+        help="swap mlflow for mlflow-skinny of the same version (plus numpy, pandas, pyarrow) "
+        "for a smaller image; PythonModel and sklearn models only",
+    )
+    return locking
+
+
 def _add_image_commands(
-    commands: Any, common: argparse.ArgumentParser, registry: argparse.ArgumentParser
+    commands: Any,
+    common: argparse.ArgumentParser,
+    registry: argparse.ArgumentParser,
+    locking: argparse.ArgumentParser,
 ) -> None:
     """generate, build, test and base build."""
     image_parent = argparse.ArgumentParser(add_help=False)
@@ -217,19 +262,6 @@ def _add_image_commands(
         default=[],
         metavar="PKG",
         help="Debian package to install in the image (e.g. libgomp1)",
-    )
-    image_parent.add_argument("--wheel-dir", type=Path, action="append", default=[])
-    image_parent.add_argument(
-        "--platform",
-        default="linux/amd64",
-        choices=["linux/amd64", "linux/arm64"],
-        help="the image's platform: the lock's wheels are for it, and the base image must be "
-        "built for it (default: linux/amd64)",
-    )
-    image_parent.add_argument(
-        "--mlflow-skinny",
-        action="store_true",
-        help="swap mlflow for mlflow-skinny (see `packager lock`)",
     )
     image_parent.add_argument(
         "--no-bytecode",
@@ -247,7 +279,7 @@ def _add_image_commands(
 
     generate = commands.add_parser(
         "generate",
-        parents=[common, registry, image_parent],
+        parents=[common, registry, locking, image_parent],
         help="write a self-contained Docker build context for a model",
         description="Lock the model, download its wheelhouse and write a build context "
         "(Dockerfile, lock, wheels, server, model) that builds with no network.",
@@ -255,41 +287,53 @@ def _add_image_commands(
         "docker build build/wine\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    generate.add_argument("model", metavar="MODEL")
+    generate.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
     generate.add_argument("-o", "--output", type=Path, required=True, help="context directory")
     generate.set_defaults(handler=_generate)
 
     build = commands.add_parser(
         "build",
-        parents=[common, registry, image_parent],
-        help="build a serving image (Docker engine, or daemonless and reproducible)",
-        description="Lock, generate and build the model's image. --backend docker (the "
-        "default) builds the rendered Dockerfile with the Docker engine; the tag is set only "
-        "after a successful build. --backend oci writes the image itself, byte for byte the "
-        "same for the same inputs, with no engine: as an OCI layout (-o), a docker-archive "
-        "(--archive), into the engine (--load) or to a registry (--push).",
+        parents=[common, registry, locking, image_parent],
+        help="build a serving image (daemonless and reproducible, or with the Docker engine)",
+        description="Lock, generate and build the model's image. The default backend (oci) "
+        "writes the image itself, byte for byte the same for the same inputs, with no "
+        "engine: into the engine (-t alone when one answers, or --load), as an OCI layout "
+        "(-o), a docker-archive (--archive) or straight to a registry (--push). --backend "
+        "docker (the default with --system-package) builds the rendered Dockerfile with the "
+        "Docker engine; the tag is set only after a successful build.",
         epilog="examples:\n  packager base build --python 3.11 -t packager-base:3.11\n"
         "  packager build models:/wine@champion -t wine:3 --base-image packager-base:3.11\n"
-        "  packager build models:/wine/3 --backend oci -o build/wine-oci "
+        "  packager build models:/wine/3 -t registry.example.com/wine:3 --push "
         "--base-image packager-base:3.11\n"
-        "  packager build models:/wine/3 --backend oci -t registry.example.com/wine:3 --push\n"
-        "  packager build models:/wine/3 --backend oci --check-reproducible\n",
+        "  packager build models:/wine/3 -o build/wine-oci --base-image packager-base:3.11\n"
+        "  packager build models:/wine/3 --check-reproducible --base-image packager-base:3.11\n"
+        "  packager build models:/wine/3 --backend docker -t wine:3 --system-package libgomp1\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    build.add_argument("model", metavar="MODEL")
-    build.add_argument("-t", "--tag", help="IMAGE:TAG (required for docker, --load, --push)")
+    build.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    build.add_argument(
+        "-t",
+        "--tag",
+        metavar="IMAGE:TAG",
+        help="the image's name: loaded into the local engine, or with --push, pushed to the "
+        "registry it names (REGISTRY/REPO:TAG); required by --backend docker",
+    )
     build.add_argument("--push", action="store_true", help="push the image after building")
     build.add_argument(
         "--backend",
         choices=("docker", "oci"),
-        default="docker",
-        help="docker: the engine builds the Dockerfile; oci: packager writes the image",
+        help="oci (the default): packager writes the image, reproducibly, with no engine; "
+        "docker (the default with --system-package): the engine builds the Dockerfile",
     )
     build.add_argument("-o", "--output", type=Path, help="oci: write an OCI image layout here")
     build.add_argument(
         "--archive", type=Path, metavar="FILE", help="oci: write a docker-archive tar here"
     )
-    build.add_argument("--load", action="store_true", help="oci: load into the local engine")
+    build.add_argument(
+        "--load",
+        action="store_true",
+        help="oci: load into the local engine (what -t alone does when an engine answers)",
+    )
     build.add_argument(
         "--check-reproducible",
         action="store_true",
@@ -308,7 +352,7 @@ def _add_image_commands(
         epilog="example:\n  packager test wine:3 --model models:/wine@champion\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    check.add_argument("image", metavar="IMAGE")
+    check.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     check.add_argument("--model", required=True, help="the model the image was built from")
     check.add_argument(
         "--payload",
@@ -329,7 +373,7 @@ def _add_image_commands(
         epilog="example:\n  packager push registry.example.com/team/wine:3\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    push_parser.add_argument("image", metavar="IMAGE")
+    push_parser.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     push_parser.set_defaults(handler=_push)
 
     base = commands.add_parser("base", help="base images built from Debian's packages")
@@ -344,7 +388,9 @@ def _add_image_commands(
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     base_build.add_argument("--python", required=True, help="X.Y")
-    base_build.add_argument("-t", "--tag", required=True)
+    base_build.add_argument(
+        "-t", "--tag", required=True, metavar="IMAGE:TAG", help="the base image's name"
+    )
     base_build.add_argument("--mirror", default=DEFAULT_MIRROR, help="Debian mirror")
     base_build.add_argument("--rebuild", action="store_true", help="even if the tag exists")
     base_build.set_defaults(handler=_base_build)
@@ -363,25 +409,9 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _lock(args: argparse.Namespace) -> int:
-    for directory in args.wheel_dir:
-        if not directory.is_dir():
-            raise UsageError(f"--wheel-dir {directory}: no such directory")
     report = api.lock_model(
         args.model,
-        api.LockOptions(
-            resolver=args.resolver,
-            python=args.python,
-            platform=args.platform,
-            lock_file=args.lock_file,
-            download=args.download,
-            mlflow_skinny=args.mlflow_skinny,
-            ignore_conda=args.ignore_conda,
-            index=IndexOptions.from_environment(
-                index_url=args.index_url,
-                extra_index_urls=tuple(args.extra_index_url),
-                wheel_dirs=tuple(d.resolve() for d in args.wheel_dir),
-            ),
-        ),
+        replace(_lock_options(args), download=args.download),
         **_source(args),
         cache_root=args.cache_dir,
     )
@@ -437,19 +467,32 @@ def _write_atomically(path: Path, text: str) -> None:
         raise UsageError(f"cannot write {path}: {err.strerror}") from err
 
 
+def _lock_options(args: argparse.Namespace) -> api.LockOptions:
+    for directory in args.wheel_dir:
+        if not directory.is_dir():
+            raise UsageError(f"--wheel-dir {directory}: no such directory")
+    return api.LockOptions(
+        resolver=args.resolver,
+        python=args.python,
+        platform=args.platform,
+        lock_file=args.lock_file,
+        mlflow_skinny=args.mlflow_skinny,
+        ignore_conda=args.ignore_conda,
+        index=IndexOptions.from_environment(
+            index_url=args.index_url,
+            extra_index_urls=tuple(args.extra_index_url),
+            wheel_dirs=tuple(d.resolve() for d in args.wheel_dir),
+        ),
+    )
+
+
 def _image_options(args: argparse.Namespace, python_default: str | None = None) -> api.ImageOptions:
     return api.ImageOptions(
         base_image=args.base_image or f"python:{python_default or '3.11'}-slim",
         system_packages=tuple(args.system_package),
         bytecode=args.bytecode,
         keep_tests=args.keep_tests,
-        lock=api.LockOptions(
-            mlflow_skinny=args.mlflow_skinny,
-            platform=args.platform,
-            index=IndexOptions.from_environment(
-                wheel_dirs=tuple(d.resolve() for d in args.wheel_dir)
-            ),
-        ),
+        lock=_lock_options(args),
     )
 
 
@@ -470,6 +513,11 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
+    if args.backend is None:
+        # apt runs only inside the Docker engine's build.
+        args.backend = "docker" if args.system_package else "oci"
+        if args.system_package:
+            log.info("--system-package needs the Docker backend: building with the engine")
     if args.backend == "oci":
         return _build_oci(args)
     oci_only = [
@@ -542,14 +590,24 @@ def _build_oci(args: argparse.Namespace) -> int:
                 f"first difference: {report.first_difference}\n"
             )
         return 0 if report.reproducible else 19
-    outputs = api.OciOutputs(
-        layout=args.output, archive=args.archive, load=args.load, push=args.push
-    )
-    if not (outputs.layout or outputs.archive or outputs.load or outputs.push):
-        raise UsageError(
-            "--backend oci needs somewhere to put the image",
-            hint="pass -o DIR (OCI layout), --archive FILE, --load and/or --push",
-        )
+    load = args.load
+    if not (args.output or args.archive or args.load or args.push):
+        # -t alone: into the engine, as `docker build -t` would, when there is one.
+        if not args.tag:
+            raise UsageError(
+                "the build needs somewhere to put the image",
+                hint="pass -t IMAGE:TAG (loaded into the local engine), -o DIR (an OCI "
+                "layout), --archive FILE, or -t REGISTRY/REPO:TAG --push",
+            )
+        if not api.engine_reachable():
+            raise UsageError(
+                f"-t {args.tag} loads the image into the Docker engine, and none answers "
+                f"(DOCKER_HOST={os.environ.get('DOCKER_HOST', 'unix:///var/run/docker.sock')})",
+                hint="pass -o DIR (an OCI layout) or --archive FILE, or --push to push "
+                "to the registry in -t directly; no engine is needed for those",
+            )
+        load = True
+    outputs = api.OciOutputs(layout=args.output, archive=args.archive, load=load, push=args.push)
     built = api.build_oci_image(
         args.model, _image_options(args), outputs, tag=args.tag, **source, cache_root=args.cache_dir
     )
@@ -683,8 +741,11 @@ def _configure_logging(debug: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI and return its exit code (never calls ``sys.exit``)."""
     parser = _build_parser()
+    _remember_parsers(parser)
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # argparse would print the top-level usage: show the command's own
+            args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     except SystemExit as exc:  # argparse exits on --help/--version (0) and usage errors (2)
         return int(exc.code or 0)
     _configure_logging(args.debug)
@@ -700,6 +761,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         return _report(err, 1, args, unexpected=True)
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Each (sub)command's parser records itself in the parsed arguments (the deepest one
+    parsed last wins), so usage errors can name the command the user typed."""
+    parser.set_defaults(command_parser=parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                _remember_parsers(sub)
 
 
 def _report(

@@ -19,6 +19,9 @@ _ARCH = {"linux/amd64": "x86_64", "linux/arm64": "aarch64"}
 # run there. Targeting an older glibc would pass over current wheels (cryptography, for
 # one, ships manylinux_2_34 wheels only) and fall back to sdists.
 GLIBC = (2, 36)
+# The Pythons an image can have: packager_server needs 3.10 (dataclass kw_only, zip
+# strict), and 3.14 is the newest CPython released with wheels for MLflow's stack.
+PYTHONS = ("3.10", "3.11", "3.12", "3.13", "3.14")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -32,6 +35,15 @@ class Target:
         parts = python.split(".")
         if len(parts) < 2 or not all(p.isdigit() for p in parts[:3]):
             raise UsageError(f"{python!r} is not a Python version", hint="use e.g. 3.11")
+        minor = ".".join(parts[:2])
+        if minor not in PYTHONS:
+            raise UsageError(
+                f"Python {python} is not a Python an image can have: the scoring server runs "
+                f"on {PYTHONS[0]} to {PYTHONS[-1]}",
+                hint=f"pass --python {PYTHONS[1]} (or another of {', '.join(PYTHONS)}); a model "
+                "logged with an older Python usually loads on a newer one, and MLflow warns "
+                "when it may not",
+            )
         chosen = next((p for p in PLATFORMS if p == platform_name), None)
         if chosen is None:
             raise UsageError(

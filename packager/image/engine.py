@@ -258,32 +258,50 @@ def inspect_image_quickly(reference: str) -> dict[str, Any] | None:
     Returns None when the engine is not on a local socket or does not answer; callers
     then use docker-py.
     """
-    import http.client  # noqa: PLC0415
     import json  # noqa: PLC0415
-    import socket  # noqa: PLC0415
     import urllib.parse  # noqa: PLC0415
+
+    answer = _quick_get(f"/images/{urllib.parse.quote(reference, safe='')}/json")
+    if answer is None or answer[0] != 200:
+        return None
+    data: dict[str, Any] = json.loads(answer[1])
+    return data
+
+
+def reachable() -> bool:
+    """Whether an engine answers at DOCKER_HOST (its socket asked directly when local)."""
+    if os.environ.get("DOCKER_HOST", "unix://").startswith("unix://"):
+        answer = _quick_get("/_ping")
+        return answer is not None and answer[0] == 200
+    try:
+        connect()
+    except DockerUnavailableError:
+        return False
+    return True
+
+
+def _quick_get(path: str) -> tuple[int, bytes] | None:
+    """``GET path`` on the engine's Unix socket: (status, body), or None if no answer."""
+    import http.client  # noqa: PLC0415
+    import socket  # noqa: PLC0415
 
     host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
     if not host.startswith("unix://"):
         return None
-    path = host.removeprefix("unix://")
+    socket_path = host.removeprefix("unix://")
 
     class _UnixConnection(http.client.HTTPConnection):
         def connect(self) -> None:
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self.sock.settimeout(10)
-            self.sock.connect(path)
+            self.sock.connect(socket_path)
 
     connection = _UnixConnection("localhost", timeout=10)
     try:
-        connection.request("GET", f"/images/{urllib.parse.quote(reference, safe='')}/json")
+        connection.request("GET", path)
         response = connection.getresponse()
-        body = response.read()
+        return response.status, response.read()
     except OSError:
         return None
     finally:
         connection.close()
-    if response.status != 200:
-        return None
-    data: dict[str, Any] = json.loads(body)
-    return data

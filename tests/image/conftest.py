@@ -135,6 +135,8 @@ def pyfunc_code_image(
             str(Path(sys.executable).with_name("packager")),
             "build",
             "models:/pyfunc-code/1",
+            "--backend",
+            "docker",
             "-t",
             tag,
             "--base-image",

@@ -25,7 +25,8 @@ PACKAGER = str(Path(sys.executable).with_name("packager"))
 
 
 def build(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, Any]]:
-    code = main(["build", *args, "--json"])
+    """``packager build --backend docker`` (these tests are the engine backend's)."""
+    code = main(["build", "--backend", "docker", *args, "--json"])
     out, err = capsys.readouterr()
     assert "Traceback" not in err
     return code, json.loads(out)
@@ -210,6 +211,7 @@ def test_an_interrupted_build_leaves_no_tag(
     tag = f"packager-test/interrupted-{nonce}:1"
     # No bytecode: the point is the interruption, and this build can't use the cache.
     interrupted_build = [PACKAGER, "build", "models:/sk-cloudpickle/1", "--no-bytecode"]
+    interrupted_build += ["--backend", "docker"]
     process = subprocess.Popen(
         [*interrupted_build, "-t", tag, "--base-image", fresh_base],
         stdout=subprocess.DEVNULL,

@@ -325,13 +325,22 @@ def test_oci_refuses_what_it_cannot_do(
     args = ["build", "models:/sk-cloudpickle/1", "--backend", "oci", "--base-image", base_image]
     assert main([*args, "--json"]) == 2  # nowhere to put the image
     assert "-o DIR" in json.loads(capsys.readouterr().out)["error"]["hint"]
+    # -t alone loads into the engine; with none answering, the error names the other outputs.
+    no_engine = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in no_engine.items():
+            patch.setenv(key, value)
+        assert main([*args, "-t", "x:1", "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert "none answers" in error["message"]
+    assert "--push" in error["hint"]
     assert main([*args, "--load", "--json"]) == 2  # --load needs a tag
     assert "-t IMAGE:TAG" in json.loads(capsys.readouterr().out)["error"]["hint"]
     code = main([*args, "-o", "x", "--system-package", "libgomp1", "--json"])
     assert code == 2
     assert "only the Docker backend" in json.loads(capsys.readouterr().out)["error"]["message"]
-    code = main(["build", "models:/sk-cloudpickle/1", "-t", "x:1", "--load", "--json"])
-    assert code == 2
+    docker = ["build", "models:/sk-cloudpickle/1", "--backend", "docker", "-t", "x:1"]
+    assert main([*docker, "--load", "--json"]) == 2
     assert "--backend oci" in json.loads(capsys.readouterr().out)["error"]["hint"]
 
 

@@ -93,3 +93,51 @@ def test_image_flags_reach_the_options(command: str) -> None:
 def test_an_unknown_platform_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["build", "m", "--platform", "windows/amd64"]) == 2
     assert "invalid choice: 'windows/amd64'" in capsys.readouterr().err
+
+
+def test_the_default_backend_is_oci_and_docker_with_system_packages(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from packager import api
+    from packager.errors import UsageError
+
+    seen: dict[str, object] = {}
+
+    def fake_oci(reference: str, image: object, outputs: api.OciOutputs, **_: object) -> object:
+        seen["oci"] = outputs
+        raise UsageError("stop here")
+
+    def fake_docker(reference: str, tag: str, *_: object, **__: object) -> object:
+        seen["docker"] = tag
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(api, "build_oci_image", fake_oci)
+    monkeypatch.setattr(api, "build_image", fake_docker)
+    monkeypatch.setattr(api, "engine_reachable", lambda: True)
+    assert main(["build", "m", "-t", "wine:3"]) == 2
+    assert seen.pop("oci") == api.OciOutputs(layout=None, archive=None, load=True, push=False)
+    assert main(["build", "m", "-t", "r.example/wine:3", "--push"]) == 2
+    assert seen.pop("oci") == api.OciOutputs(layout=None, archive=None, load=False, push=True)
+    assert main(["build", "m", "-t", "wine:3", "--system-package", "libgomp1"]) == 2
+    assert seen.pop("docker") == "wine:3"
+    monkeypatch.setattr(api, "engine_reachable", lambda: False)
+    assert main(["build", "m", "-t", "wine:3"]) == 2
+    assert seen == {}
+
+
+@pytest.mark.parametrize("python", ["2.7", "3.9", "4.0"])
+def test_an_unsupported_python_is_refused_before_locking(
+    python: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_model(tmp_path / "model", PYFUNC_SKLEARN)
+    assert main(["lock", str(root), "--python", python, "--json"]) == 2
+    error = json.loads(capsys.readouterr().out)["error"]
+    assert f"Python {python} is not a Python an image can have" in error["message"]
+    assert "--python 3.11" in error["hint"]
+
+
+def test_an_unknown_flag_prints_the_subcommand_usage(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["lock", "m", "--no-such-flag"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: packager lock ")
+    assert "unrecognized arguments: --no-such-flag" in err
