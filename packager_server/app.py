@@ -41,7 +41,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is optional; workers then use JsonErrorsH11
+    HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
 
 from packager_server.config import ServerConfig
 from packager_server.logs import printable
