@@ -33,6 +33,7 @@ import concurrent.futures
 import json
 import logging
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 try:
@@ -48,6 +50,7 @@ except ImportError:  # httptools is optional; workers then use JsonErrorsH11
     HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
 
 from packager_server.config import ServerConfig
+from packager_server.connections import GuardedConnection
 from packager_server.logs import printable
 from packager_server.metrics import SharedMetrics
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
@@ -64,6 +67,7 @@ _SMOOTHING = 0.2  # weight of the newest prediction in the running average
 _PROBES = {"/ping", "/health", "/ready", "/readyz"}
 _LIVE = {"/live", "/livez"}
 _MAX_REQUEST_ID = 128
+_MAX_BACKLOG = 4096  # connections a stopping worker takes from the listen backlog
 _NO_ENDPOINT = (
     "no such endpoint; this server answers /invocations, /ping, /health, /ready, /live, "
     "/version and /metrics"
@@ -364,7 +368,8 @@ async def _lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-# -- malformed HTTP: uvicorn answers it itself, in plain text; we answer JSON ----------
+# -- uvicorn's protocols: JSON for malformed HTTP (uvicorn answers it in plain text), and
+# the header timeout and shutdown of connections.GuardedConnection ---------------------
 
 _BAD_HTTP = json.dumps({"error_code": "BAD_REQUEST", "message": "invalid HTTP request"}).encode()
 _BAD_HTTP_RESPONSE = (
@@ -377,13 +382,50 @@ _BAD_HTTP_RESPONSE = (
 )
 
 
-class JsonErrorsHttpTools(HttpToolsProtocol):
+class JsonErrorsHttpTools(GuardedConnection, HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
         self.transport.write(_BAD_HTTP_RESPONSE)
         self.transport.close()
 
 
-class JsonErrorsH11(H11Protocol):
+class JsonErrorsH11(GuardedConnection, H11Protocol):
     def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
         self.transport.write(_BAD_HTTP_RESPONSE)
         self.transport.close()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server; on SIGTERM it first takes the connections in the listen backlog.
+
+    The listening socket is shared by the supervisor and every worker, and the kernel
+    keeps completed connections in its backlog until one of them accepts them. Once the
+    last process closes the socket, the kernel resets every connection still there: each
+    was accepted (the client's ``connect`` returned, its request sent) before the signal.
+    So a stopping worker accepts them all and answers them like the others. A retiring
+    worker (``take_backlog`` false) leaves them to its replacement.
+    """
+
+    take_backlog = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.take_backlog:
+            for listener in sockets or []:
+                await self._take_backlog(listener)
+        await super().shutdown(sockets)
+
+    async def _take_backlog(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def protocol() -> asyncio.Protocol:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+
+        for _ in range(_MAX_BACKLOG):
+            try:
+                conn, _ = listener.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                return
+            conn.setblocking(False)
+            await loop.connect_accepted_socket(protocol, conn)

@@ -4,7 +4,9 @@ Two places accept connections on the one listening socket:
 
 * before workers exist, the supervisor's :class:`LoadingResponder` answers probes while
   the model loads (``/live``: 200, anything else: 503);
-* then each worker's uvicorn, with the protocol and server classes below.
+* then each worker's uvicorn, with :class:`GuardedConnection` in its protocol classes and
+  :class:`packager_server.app.DrainingServer` (this module imports no uvicorn: the
+  supervisor imports it before binding, and answers probes sooner without it).
 
 Both follow the same rules, so that neither slow clients nor a shutdown can cost a
 request its answer:
@@ -24,12 +26,16 @@ request its answer:
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import selectors
 import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 # Most connections the loading responder holds at once; beyond, the oldest is dropped.
 MAX_LOADING_CONNECTIONS = 1000
@@ -38,6 +44,10 @@ _MAX_HEAD = 16 * 1024
 # long before closing: closing with unread input makes the kernel reset the connection,
 # and the client may then lose the answer.
 _LINGER_SECONDS = 1.0
+# On shutdown, how long a connection still waiting for its request head is given: a
+# request sent before the signal is on its way, and arrives within a round trip.
+DRAIN_HEAD_SECONDS = 1.0
+_RECHECK_SECONDS = 0.05
 
 
 def http_response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
@@ -202,3 +212,118 @@ class LoadingResponder(threading.Thread):
         del self._clients[client.sock]
         self._selector.unregister(client.sock)
         client.sock.close()
+
+
+# -- in the workers: uvicorn's protocol and server, with the same rules --------------------
+
+if TYPE_CHECKING:
+    import asyncio
+
+    class _UvicornHttp(asyncio.Protocol):
+        """What the mixin uses of uvicorn's HTTP protocols (httptools and h11 alike)."""
+
+        transport: asyncio.Transport
+        loop: asyncio.AbstractEventLoop
+        cycle: Any  # the request in progress or last answered; None before the first
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None: ...
+        def shutdown(self) -> None: ...
+
+else:
+    _UvicornHttp = object
+
+
+class GuardedConnection(_UvicornHttp):
+    """A header timeout, and a shutdown that answers accepted requests.
+
+    A mixin for uvicorn's HTTP protocol classes (put it first among the bases). uvicorn
+    has no header timeout: a connection that never completes a request head is held
+    until the client leaves. And its shutdown closes every connection without a request
+    in progress, including those whose request is already in the socket, unread (the
+    event loop was busy, or the connection was only just accepted): closing a socket with
+    unread input makes the kernel answer with a reset.
+    """
+
+    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout = header_timeout
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_started = False  # part of the awaited head has arrived
+        self._rechecked = False
+        self._draining = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._await_head(self.header_timeout)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._in_request():
+            self._head_started = True
+            if self._head_timer is None:  # the next request on a kept-alive connection
+                self._await_head(self.header_timeout)
+        super().data_received(data)
+        if self._in_request() and self._head_timer is not None:
+            self._head_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """Called by uvicorn's shutdown (SIGTERM, or the worker retiring)."""
+        waiting = self._head_timer is not None or _has_unread_input(self.transport)
+        if self._in_request() or not waiting:
+            # A request in progress is finished, then the connection closes; an idle
+            # kept-alive connection closes now (uvicorn's own behaviour).
+            super().shutdown()
+            return
+        # A request head is awaited, perhaps already on its way: give it a moment, then
+        # answer it and close.
+        self._draining = True
+        remaining = self.header_timeout
+        if self._head_timer is not None:
+            remaining = self._head_timer.when() - self.loop.time()
+        self._await_head(min(remaining, DRAIN_HEAD_SECONDS))
+
+    def _in_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _await_head(self, seconds: float) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(seconds, self._head_timed_out)
+
+    def _head_received(self) -> None:
+        self._cancel_head_timer()
+        self._head_started = self._rechecked = False
+        if self._draining:
+            self.cycle.keep_alive = False  # answer this request, then close
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self._in_request() or self.transport.is_closing():
+            return
+        if not self._rechecked and _has_unread_input(self.transport):
+            # Input the event loop has not read yet (it was busy: uvloop runs due timers
+            # before it polls sockets). Read it before judging the client.
+            self._rechecked = True
+            self._await_head(_RECHECK_SECONDS)
+            return
+        if self._head_started:
+            self.transport.write(timeout_response(self.header_timeout))
+        self.transport.close()
+
+
+def _has_unread_input(transport: asyncio.BaseTransport) -> bool:
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        buffer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return False
+    return bool(struct.unpack("i", buffer)[0])

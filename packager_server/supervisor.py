@@ -6,8 +6,9 @@ Life cycle::
                   ─► load the model, warm it up with its serving example, gc.freeze()
                   ─► fork N workers (copy-on-write: they share the loaded model)
                   ─► respawn any worker that dies (crash, or retired after a timeout)
-    SIGTERM/SIGINT ─► close the listening socket, ask workers to finish in-flight
-                      requests within --graceful-timeout, then exit 0
+    SIGTERM/SIGINT ─► close the listening socket; workers take what waits in its
+                      backlog, answer every request they accepted within
+                      --graceful-timeout, and stop; then exit 0
                       (while loading: stop loading, close the socket, exit 0)
 
 Exit codes: 0 after a clean shutdown, 2 for bad configuration or a busy port, 3 when the
@@ -17,6 +18,7 @@ model cannot be loaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -257,17 +259,23 @@ def _reap() -> list[tuple[int, int]]:
 def _run_worker(supervisor: Supervisor, row: int) -> int:
     import uvicorn  # noqa: PLC0415 - imported by the master before forking (see run)
 
-    from packager_server.app import JsonErrorsH11, JsonErrorsHttpTools, ScoringApp  # noqa: PLC0415
+    from packager_server.app import (  # noqa: PLC0415
+        DrainingServer,
+        JsonErrorsH11,
+        JsonErrorsHttpTools,
+        ScoringApp,
+    )
 
     config = supervisor.config
     # uvicorn re-raises the signal it caught once it has shut down; end quietly then.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)  # blocked by _spawn
-    server: uvicorn.Server | None = None
+    server: DrainingServer | None = None
 
     def retire() -> None:
         if server is not None:
+            server.take_backlog = False  # the listen backlog waits for the replacement
             server.should_exit = True
         # A stuck prediction thread would block interpreter exit: leave hard, soon.
         threading.Timer(_RETIRE_HARD_EXIT_SECONDS, os._exit, args=(EXIT_RETIRED,)).start()
@@ -283,16 +291,17 @@ def _run_worker(supervisor: Supervisor, row: int) -> int:
     try:
         import httptools  # noqa: F401, PLC0415 - the faster parser, when installed
 
-        http: Any = JsonErrorsHttpTools
+        protocol: type[JsonErrorsHttpTools | JsonErrorsH11] = JsonErrorsHttpTools
     except ImportError:
-        http = JsonErrorsH11
+        protocol = JsonErrorsH11
+    http: Any = functools.partial(protocol, header_timeout=config.header_timeout)
     try:
         import uvloop  # noqa: F401, PLC0415
 
         loop = "uvloop"
     except ImportError:
         loop = "asyncio"
-    server = uvicorn.Server(
+    server = DrainingServer(
         uvicorn.Config(
             app,
             http=http,
