@@ -428,17 +428,22 @@ def _check_base(client: object, base: str, spec: ModelSpec, platform: str) -> en
 
 def verify_built_image(
     image: str,
-    reference: str,
+    reference: str | None = None,
     *,
     payloads: tuple[Path, ...] = (),
     options: RegistryOptions | None = None,
     cache: ModelCache | None = None,
     cwd: Path | None = None,
 ) -> TestReport:
-    """Run ``image`` and check it answers as MLflow does for ``reference``'s model."""
-    ref = parse_reference(reference, cwd=cwd or Path.cwd())
-    sourced = fetch_model(ref, options=options, cache=cache)
-    return verify_image(image, model_dir=sourced.path, payloads=payloads)
+    """Run ``image`` and check it answers as MLflow does for the model inside it. With
+    ``reference``, also check the image was built from that model (its content digest)."""
+    client = engine.connect()
+    engine.image_labels(client, image)  # a missing image fails now, before any download
+    digest = None
+    if reference is not None:
+        ref = parse_reference(reference, cwd=cwd or Path.cwd())
+        digest = fetch_model(ref, options=options, cache=cache).provenance.content_digest
+    return verify_image(image, payloads=payloads, model_digest=digest, client=client)
 
 
 # -- the daemonless OCI backend -----------------------------------------------------------

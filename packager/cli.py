@@ -345,15 +345,26 @@ def _add_image_commands(
         "test",
         parents=[common, registry],
         help="run an image and check it answers as the model does",
-        description="Run the image on a random local port, wait until ready, check /ping, "
-        "/health, /version, /metrics, replay the model's serving example (and --payload "
-        "files) and compare with MLflow's answers computed here; exit non-zero on any "
-        "mismatch. The container is always removed.",
-        epilog="example:\n  packager test wine:3 --model models:/wine@champion\n",
+        description="Check an image packager built: it must be in the engine and carry "
+        "packager's labels. A second container of the image computes MLflow's own answers "
+        "for the model's serving example (and --payload files), with no network; then the "
+        "image runs on a random local port and must: become ready (/ready), answer 200 on "
+        "/ping, /health, /version, /metrics and /live, name in /metrics the model and "
+        "version its labels promise, and answer every request as MLflow does. It reports "
+        "the start-up time, the p50 latency and the memory used. Needs only packager and a "
+        "Docker engine: the model's requirements are in the image. The containers are "
+        "always removed; exit 20 on any mismatch.",
+        epilog="examples:\n  packager test wine:3\n"
+        "  packager test wine:3 --model models:/wine@champion   # also: built from it?\n"
+        "  packager test registry.example.com/wine@sha256:... --payload request.json\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     check.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
-    check.add_argument("--model", required=True, help="the model the image was built from")
+    check.add_argument(
+        "--model",
+        help="also check the image was built from this model (its content digest); by "
+        "default the image's labels say which model it serves",
+    )
     check.add_argument(
         "--payload",
         type=Path,
@@ -648,9 +659,15 @@ def _test(args: argparse.Namespace) -> int:
                 f"POST {payload.name}: {payload.status} "
                 f"(expected {payload.expected_status}) {verdict}\n"
             )
+        if report.built_from_model is not None:
+            verdict = "ok" if report.built_from_model else "MISMATCH"
+            sys.stdout.write(f"built from {args.model} ({report.model_digest}): {verdict}\n")
+        memory = (
+            f", {report.memory_bytes / 2**20:.0f} MiB" if report.memory_bytes is not None else ""
+        )
         sys.stdout.write(
             f"ready after {report.startup_seconds:.1f}s, p50 "
-            f"{report.latency_p50_ms:.1f} ms: "
+            f"{report.latency_p50_ms:.1f} ms{memory}: "
             f"{'passed' if report.passed else 'FAILED'}\n"
         )
     return 0 if report.passed else 20

@@ -186,6 +186,18 @@ class IndexAuthError(PackagerError):
     exit_code = 22
 
 
+class ImageNotFoundError(PackagerError):
+    """The image is not in the engine, or its reference is not valid."""
+
+    exit_code = 23
+
+
+class ForeignImageError(PackagerError):
+    """The image was not built by packager (it has no packager labels)."""
+
+    exit_code = 24
+
+
 ALL_ERRORS: tuple[type[PackagerError], ...] = (
     UsageError,
     ModelNotFoundError,
@@ -208,4 +220,6 @@ ALL_ERRORS: tuple[type[PackagerError], ...] = (
     ImageTestError,
     PushError,
     IndexAuthError,
+    ImageNotFoundError,
+    ForeignImageError,
 )

@@ -1,19 +1,18 @@
 """Stage 7, ``verify``: run an image and check that it serves its model correctly.
 
-The container runs on a random loopback port; readiness is awaited with a deadline; the
-probes (/ping, /health, /version, /metrics) must answer 200; each payload's answer must
-equal MLflow's own answer for the model (``packager_server.expected``, run locally); the
-container is always removed.
+The image is checked first (in the engine, built by packager). The container runs on a
+random loopback port; readiness is awaited with a deadline; the probes (/ping, /health,
+/version, /metrics, /live) must answer 200; the server must name the model and version the
+labels promise; each payload's answer must equal MLflow's own answer for the model, which
+a second container of the same image computes (``packager_server.expected``); start-up
+time and memory are measured; the containers are always removed.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import statistics
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.errors import ImageTestError
+from packager.errors import ForeignImageError, ImageTestError
 from packager.image import engine
+from packager.stage import MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,20 @@ class PayloadResult:
 @dataclass(frozen=True, kw_only=True)
 class TestReport:
     image: str
-    startup_seconds: float
+    startup_seconds: float  # `docker run` to /ready answering 200
     latency_p50_ms: float
+    # The most memory the container used (as `docker stats`), sampled when ready and after
+    # the replays; what a Deployment's memory request and limit are sized from.
+    memory_bytes: int | None
     endpoints: tuple[tuple[str, int], ...]
     payloads: tuple[PayloadResult, ...]
     # The model name and version the image's labels promise, and whether the server
     # reports the same in its metrics (None: the image has no such labels).
     labelled_as: str | None = None
     serves_as_labelled: bool = True
+    model_digest: str | None = None  # the content digest the image's label records
+    # With --model: whether that model's content is what the image was built from.
+    built_from_model: bool | None = None
 
     @property
     def passed(self) -> bool:
@@ -55,6 +61,7 @@ class TestReport:
             all(p.matches for p in self.payloads)
             and all(status == 200 for _, status in self.endpoints)
             and self.serves_as_labelled
+            and self.built_from_model is not False
         )
 
 
@@ -71,56 +78,64 @@ def _identity(image_labels: dict[str, str]) -> str | None:
     return f'model="{quoted(name)}",version="{quoted(version)}"'
 
 
-def _expected_env() -> dict[str, str]:
-    """A clean environment for loading the model; PYTHONPATH passes through, since it is
-    how packages that exist on no index (a private wheel) are made importable here."""
-    env = {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "PATH": "/usr/bin:/bin"}
-    if os.environ.get("PYTHONPATH"):
-        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-    return env
+# Where the expected-answer container finds the request bodies.
+_REQUESTS = "/tmp/packager-test"  # noqa: S108 - inside a throwaway container
+_EXAMPLE = f"{MODEL_DIR}/serving_input_example.json"
+PROBES = ("/ping", "/health", "/version", "/metrics", "/live")
 
 
-def expected_answer(model_dir: Path, payload: Path, content_type: str) -> tuple[int, Any]:
-    """MLflow's answer for ``payload``, computed in this Python environment."""
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "packager_server.expected",
-            str(model_dir),
-            str(payload),
-            content_type,
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=600,
-        env=_expected_env(),
-    )
-    if result.returncode != 0:
+def expected_answers(
+    client: Any, image: str, bodies: list[bytes], content_type: str
+) -> list[tuple[int, Any]]:
+    """MLflow's own answers (its scoring path, no fast path) for ``bodies``, computed in a
+    second container of the image under test, with no network: the host needs nothing
+    but packager and an engine, and the answers come from the image's own environment."""
+    files = {f"{_REQUESTS}/{i}.json": body for i, body in enumerate(bodies)}
+    argv = [
+        "python",
+        "-m",
+        "packager_server.expected",
+        MODEL_DIR,
+        content_type,
+        *sorted(files, key=lambda p: int(Path(p).stem)),
+    ]
+    status, stdout, stderr = engine.run_once(client, image, argv, files=files, timeout=600)
+    if status != 0:
         raise ImageTestError(
-            "cannot compute the model's expected answers in this environment:\n"
-            + result.stderr[-1500:],
-            hint="run packager test where the model's requirements are installed",
+            f"the image could not compute MLflow's answers for its own model:\n{stderr[-1500:]}",
+            hint="the model does not load in its image; `docker run IMAGE` shows the same error",
         )
-    data = json.loads(result.stdout)
-    return int(data["status"]), data["body"]
+    answers = json.loads(stdout)
+    return [(int(a["status"]), a["body"]) for a in answers]
 
 
 def verify_image(
-    image: str, *, model_dir: Path, payloads: tuple[Path, ...] = (), client: Any | None = None
+    image: str,
+    *,
+    payloads: tuple[Path, ...] = (),
+    model_digest: str | None = None,
+    client: Any | None = None,
 ) -> TestReport:
+    """Check ``image`` serves its own model as MLflow does. ``model_digest``: the content
+    digest of the model the user says it was built from (``--model``), checked against
+    the image's label."""
     client = client or engine.connect()
-    requests = list(payloads)
-    example = model_dir / "serving_input_example.json"
-    if example.is_file():
-        requests.insert(0, example)
-    if not requests:
+    labels = engine.image_labels(client, image)  # before anything else: a clear error
+    if "io.packager.model.name" not in labels:
+        raise ForeignImageError(
+            f"{image} was not built by packager: it has no io.packager.* labels",
+            hint="packager test checks images that packager build made",
+        )
+    bodies: list[tuple[str, bytes]] = [(p.name, p.read_bytes()) for p in payloads]
+    example = engine.read_image_file(client, image, _EXAMPLE)
+    if example is not None:
+        bodies.insert(0, (Path(_EXAMPLE).name, example))
+    if not bodies:
         raise ImageTestError(
             "nothing to replay: the model has no serving input example", hint="pass --payload FILE"
         )
-    expected = {p: expected_answer(model_dir, p, "application/json") for p in requests}
-    identity = _identity(client.images.get(image).labels or {})
+    expected = expected_answers(client, image, [b for _, b in bodies], "application/json")
+    identity = _identity(labels)
     container = client.containers.run(image, detach=True, ports={"8080/tcp": ("127.0.0.1", None)})
     try:
         started = time.monotonic()
@@ -129,39 +144,42 @@ def verify_image(
         base = f"http://127.0.0.1:{port}"
         _wait_ready(base, container)
         startup = time.monotonic() - started
-        endpoints = tuple(
-            (path, _get(base + path)[0])
-            for path in ("/ping", "/health", "/version", "/metrics", "/live")
-        )
+        memory = [engine.memory_bytes(container)]
+        endpoints = tuple((path, _get(base + path)[0]) for path in PROBES)
         serves_as_labelled = identity is None or identity in _get(base + "/metrics")[1].decode(
             errors="replace"
         )
         results = []
-        for path in requests:
-            status, body = _post(base + "/invocations", path.read_bytes())
-            want_status, want_body = expected[path]
+        for (name, body), (want_status, want_body) in zip(bodies, expected, strict=True):
+            status, answer = _post(base + "/invocations", body)
             results.append(
                 PayloadResult(
-                    name=path.name,
+                    name=name,
                     status=status,
                     expected_status=want_status,
-                    matches=status == want_status and body == want_body,
+                    matches=status == want_status and answer == want_body,
                 )
             )
         timings = []
-        first = requests[0].read_bytes()
         for _ in range(20):
             t0 = time.perf_counter()
-            _post(base + "/invocations", first)
+            _post(base + "/invocations", bodies[0][1])
             timings.append(time.perf_counter() - t0)
+        memory.append(engine.memory_bytes(container))
+        measured = [m for m in memory if m is not None]
         return TestReport(
             image=image,
             startup_seconds=startup,
             latency_p50_ms=1000 * statistics.median(timings),
+            memory_bytes=max(measured) if measured else None,
             endpoints=endpoints,
             payloads=tuple(results),
             labelled_as=identity,
             serves_as_labelled=serves_as_labelled,
+            model_digest=labels.get("io.packager.model.digest"),
+            built_from_model=None
+            if model_digest is None
+            else (labels.get("io.packager.model.digest") == model_digest),
         )
     finally:
         container.remove(force=True)

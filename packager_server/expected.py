@@ -1,9 +1,10 @@
 """What MLflow's own scoring path answers for a request, computed locally.
 
-    python -m packager_server.expected MODEL_DIR REQUEST.json [CONTENT_TYPE]
+    python -m packager_server.expected MODEL_DIR CONTENT_TYPE REQUEST.json...
 
-Prints ``{"status": ..., "body": ...}``. ``packager test`` runs this in an environment
-that has the model's requirements, and compares the container's answers with it.
+Prints a JSON list of ``{"status": ..., "body": ...}``, one per request. ``packager test``
+runs this in a second container of the image under test (the model's own environment)
+and compares the serving container's answers with it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ def main(argv: list[str]) -> int:
 
     from packager_server.scoring import Scorer  # noqa: PLC0415
 
-    model_dir, request = Path(argv[0]), Path(argv[1])
-    content_type = argv[2] if len(argv) > 2 else "application/json"
+    model_dir, content_type, requests = Path(argv[0]), argv[1], [Path(a) for a in argv[2:]]
     scorer = Scorer(mlflow.pyfunc.load_model(str(model_dir)), fast_path=False)
-    answer = scorer.invoke(request.read_bytes(), content_type)
-    sys.stdout.write(json.dumps({"status": answer.status, "body": json.loads(answer.body)}))
+    answers = []
+    for request in requests:
+        answer = scorer.invoke(request.read_bytes(), content_type)
+        answers.append({"status": answer.status, "body": json.loads(answer.body)})
+    sys.stdout.write(json.dumps(answers))
     return 0
 
 

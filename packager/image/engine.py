@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from packager.errors import DockerUnavailableError, ImageBuildError
+from packager.errors import DockerUnavailableError, ImageBuildError, ImageNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +248,98 @@ def load(client: Any, archive: Path) -> list[str]:
     except ImageLoadError as err:  # the engine reported an error in its progress stream
         raise ImageBuildError(f"the engine could not load the image: {err}") from err
     return [str(image.id) for image in images]
+
+
+def image_labels(client: Any, reference: str) -> dict[str, str]:
+    """The labels of ``reference`` in the engine; a missing image or an invalid reference
+    is an :class:`ImageNotFoundError` saying which."""
+    from docker.errors import APIError, ImageNotFound  # noqa: PLC0415
+
+    try:
+        image = client.images.get(reference)
+    except ImageNotFound as err:
+        raise ImageNotFoundError(
+            f"{reference} is not in the local Docker engine",
+            hint="build it (packager build MODEL -t IMAGE:TAG) or pull it (docker pull) first",
+        ) from err
+    except APIError as err:  # the engine rejects the reference itself
+        raise ImageNotFoundError(
+            f"{reference!r} is not a valid image reference: {err.explanation or err}",
+            hint="use NAME:TAG, an image id, or REGISTRY/REPO@sha256:DIGEST",
+        ) from err
+    return dict(image.labels or {})
+
+
+def read_image_file(client: Any, reference: str, path: str) -> bytes | None:
+    """The bytes of one file of an image (from a created, never started, container), or
+    None when the image has no such file."""
+    import tarfile  # noqa: PLC0415
+
+    from docker.errors import NotFound  # noqa: PLC0415
+
+    container = client.containers.create(reference, entrypoint=["true"], network_mode="none")
+    try:
+        try:
+            stream, _ = container.get_archive(path)
+        except NotFound:
+            return None
+        with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as archive:
+            member = archive.next()
+            handle = archive.extractfile(member) if member is not None else None
+            return handle.read() if handle is not None else None
+    finally:
+        container.remove(force=True)
+
+
+def run_once(
+    client: Any,
+    reference: str,
+    argv: list[str],
+    *,
+    files: dict[str, bytes],
+    timeout: float,
+) -> tuple[int, str, str]:
+    """Run ``argv`` (the entrypoint replaced) in a container of ``reference`` with no
+    network, after copying ``files`` (absolute path → bytes, readable by any user) into
+    it; returns (exit status, stdout, stderr). The container is always removed."""
+    import tarfile  # noqa: PLC0415
+
+    container = client.containers.create(
+        reference, entrypoint=argv[:1], command=argv[1:], network_mode="none"
+    )
+    try:
+        if files:
+            buffer = io.BytesIO()
+            with tarfile.open(fileobj=buffer, mode="w") as archive:
+                folders = sorted({str(Path(p).parent) for p in files})
+                for folder in folders:
+                    info = tarfile.TarInfo(folder.lstrip("/"))
+                    info.type, info.mode = tarfile.DIRTYPE, 0o755
+                    archive.addfile(info)
+                for path, data in sorted(files.items()):
+                    info = tarfile.TarInfo(path.lstrip("/"))
+                    info.size, info.mode = len(data), 0o644
+                    archive.addfile(info, io.BytesIO(data))
+            container.put_archive("/", buffer.getvalue())
+        container.start()
+        status = container.wait(timeout=timeout)
+        stdout = container.logs(stdout=True, stderr=False).decode(errors="replace")
+        stderr = container.logs(stdout=False, stderr=True).decode(errors="replace")
+        return int(status.get("StatusCode", 1)), stdout, stderr
+    finally:
+        container.remove(force=True)
+
+
+def memory_bytes(container: Any) -> int | None:
+    """A running container's memory in use, as ``docker stats`` counts it (without the
+    inactive page cache), or None if the engine reports none."""
+    stats = container.stats(stream=False).get("memory_stats") or {}
+    usage = stats.get("usage")
+    if usage is None:
+        return None
+    details = stats.get("stats") or {}
+    cache = details.get("inactive_file", details.get("total_inactive_file", 0))
+    return int(usage) - int(cache)
 
 
 def inspect_image_quickly(reference: str) -> dict[str, Any] | None:
