@@ -62,8 +62,13 @@ def human_size(nbytes: float) -> str:
     return f"{size:.1f} TiB"  # pragma: no cover - loop always returns
 
 
+# Below this, a transfer takes a moment: its quarter marks would only be noise.
+_QUARTERS_FROM_BYTES = 64 * 2**20
+
+
 class LogProgress:
-    """Plain log lines: one at start, one per quarter done, one at the end."""
+    """Plain log lines: one at start, one per quarter done (for large transfers), one at
+    the end."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -84,7 +89,7 @@ class LogProgress:
     def advance(self, nbytes: int) -> None:
         with self._lock:
             self._done += nbytes
-            if self._total <= 0:
+            if self._total < _QUARTERS_FROM_BYTES:
                 return
             percent = 100 * self._done // self._total
             while percent >= self._next_mark and self._next_mark < 100:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import logging
 
+import pytest
 from rich.console import Console
 
 from packager.progress import RichBuildSteps, RichProgress
@@ -48,3 +50,30 @@ def test_download_bar_counts_bytes() -> None:
     text = out.getvalue()
     assert "downloading models:/wine/3 (2 files)" in text
     assert "2.0/2.0 kB" in text or "2.0 kB" in text
+
+
+def test_log_progress_marks_quarters_of_large_transfers_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from packager.progress import LogProgress
+
+    with caplog.at_level(logging.INFO, logger="packager.progress"):
+        small = LogProgress()
+        small.start("small", total_bytes=9 * 1024, total_files=8)
+        small.advance(9 * 1024)
+        small.finish()
+        large = LogProgress()
+        large.start("large", total_bytes=400 * 2**20, total_files=3)
+        for _ in range(4):
+            large.advance(100 * 2**20)
+        large.finish()
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line for line in lines if line.startswith("small")] == [
+        "small: 8 files, 9.0 KiB",
+        "small: done (9.0 KiB)",
+    ]
+    assert [line for line in lines if line.startswith("large: ") and "%" in line] == [
+        "large: 25%",
+        "large: 50%",
+        "large: 75%",
+    ]
