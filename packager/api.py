@@ -489,6 +489,12 @@ def epoch_for(provenance: Provenance, spec: ModelSpec) -> int:
     return 0
 
 
+def base_missing(reference: str) -> bool:
+    """Whether an engine answers and lacks ``reference`` (False when there is no engine:
+    a context may be built elsewhere)."""
+    return engine.reachable() and engine.inspect_image_quickly(reference) is None
+
+
 def engine_reachable() -> bool:
     """Whether a Docker engine answers (for ``build -t`` without an output: load into it)."""
     return engine.reachable()

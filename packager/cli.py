@@ -512,6 +512,13 @@ def _generate(args: argparse.Namespace) -> int:
         args.model, args.output, _image_options(args), **_source(args), cache_root=args.cache_dir
     )
     log.info("wrote the build context to %s (%d files)", args.output, len(result.plan.files))
+    if api.base_missing(result.plan.base_image):
+        log.warning(
+            "the base image %s is not in the local engine, so `docker build` will try to pull "
+            "it; build one (packager base build --python %s -t TAG) and pass --base-image TAG",
+            result.plan.base_image,
+            result.plan.python,
+        )
     if args.json:
         _print_json(
             {

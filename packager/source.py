@@ -254,12 +254,16 @@ def _registered_model_meta(path: Path) -> dict[str, str]:
 
 
 def _with_content(provenance: Provenance, path: Path, digest: str) -> Provenance:
-    mlflow_version = None
+    mlflow_version, model_id = None, provenance.model_id
     # A damaged MLmodel is read_spec's to report, with the file and the reason.
     with contextlib.suppress(OSError, ValueError, yaml.YAMLError, AttributeError):
         data = yaml.safe_load((path / "MLmodel").read_text(encoding="utf-8"))
         mlflow_version = str(data["mlflow_version"]) if data.get("mlflow_version") else None
-    return replace(provenance, content_digest=digest, mlflow_version=mlflow_version)
+        # An MLflow 3 model records its logged model id; the registry may not say it.
+        model_id = model_id or (str(data["model_id"]) if data.get("model_id") else None)
+    return replace(
+        provenance, content_digest=digest, mlflow_version=mlflow_version, model_id=model_id
+    )
 
 
 # -- reachability ---------------------------------------------------------------------

@@ -102,3 +102,17 @@ def test_packager_test_needs_only_packager_and_an_engine(
     assert json.loads(capsys.readouterr().out)["built_from_model"] is True
     assert main(["test", pyfunc_code_image, "--model", "models:/sk-cloudpickle/1", "--json"]) == 20
     assert json.loads(capsys.readouterr().out)["built_from_model"] is False
+
+
+def test_the_engine_says_which_bases_it_lacks(
+    base_image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What `generate`'s warning about a missing base asks the real engine."""
+    from packager import api
+
+    assert api.engine_reachable()
+    assert not api.base_missing(base_image)
+    assert api.base_missing("packager-test/no-such-base:3.11")
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path / 'none.sock'}")
+    assert not api.engine_reachable()
+    assert not api.base_missing("packager-test/no-such-base:3.11")  # no engine: no claim

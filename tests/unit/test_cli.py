@@ -141,3 +141,27 @@ def test_an_unknown_flag_prints_the_subcommand_usage(capsys: pytest.CaptureFixtu
     err = capsys.readouterr().err
     assert err.startswith("usage: packager lock ")
     assert "unrecognized arguments: --no-such-flag" in err
+
+
+def test_provenance_names_the_logged_model_id_the_spec_has(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = write_model(tmp_path / "model", {**PYFUNC_SKLEARN, "model_id": "m-0123abcd"})
+    assert main(["inspect", str(root), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["spec"]["model_id"] == "m-0123abcd"
+    assert data["provenance"]["model_id"] == "m-0123abcd"
+
+
+def test_generate_warns_about_a_base_the_engine_lacks(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from types import SimpleNamespace
+
+    from packager import api
+
+    plan = SimpleNamespace(base_image="python:3.11-slim", python="3.11", files=())
+    monkeypatch.setattr(api, "generate_context", lambda *_, **__: SimpleNamespace(plan=plan))
+    monkeypatch.setattr(api, "base_missing", lambda reference: reference == "python:3.11-slim")
+    assert main(["generate", "m", "-o", str(tmp_path / "ctx")]) == 0
+    assert "python:3.11-slim is not in the local engine" in capsys.readouterr().err
