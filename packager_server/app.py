@@ -399,10 +399,10 @@ class DrainingServer(uvicorn.Server):
 
     The listening socket is shared by the supervisor and every worker, and the kernel
     keeps completed connections in its backlog until one of them accepts them. Once the
-    last process closes the socket, the kernel resets every connection still there: each
-    was accepted (the client's ``connect`` returned, its request sent) before the signal.
-    So a stopping worker accepts them all and answers them like the others. A retiring
-    worker (``take_backlog`` false) leaves them to its replacement.
+    last process closes the socket, the kernel resets every connection still there, though
+    each was accepted as far as its client knows (``connect`` returned, the request may be
+    sent). So a stopping worker accepts them all and answers them like the others. A
+    retiring worker (``take_backlog`` false) leaves them to its replacement.
     """
 
     take_backlog = True

@@ -214,7 +214,7 @@ class LoadingResponder(threading.Thread):
         client.sock.close()
 
 
-# -- in the workers: uvicorn's protocol and server, with the same rules --------------------
+# -- in the workers: uvicorn's protocols, with the same rules -----------------------------
 
 if TYPE_CHECKING:
     import asyncio
