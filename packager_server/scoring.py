@@ -4,9 +4,10 @@ Status codes and predictions are MLflow's own: the exact path calls MLflow's
 ``scoring_server.invocations``; the fast path (:mod:`packager_server.fastpath`) gives the
 same answers for the requests it accepts. What we change, without breaking clients:
 
-* every error is JSON ``{"error_code", "message"}`` (MLflow answers 415 in plain text);
-* messages never echo the request's data and carry no stack trace (MLflow puts both in
-  its 400 answers) unless the server runs with ``--debug``;
+* every error is JSON with at least ``error_code`` and ``message`` (MLflow answers 415 in
+  plain text); MLflow's other fields (``error_class``, ``sqlstate``) are kept;
+* messages never echo the request's data and answers carry no ``stack_trace`` (MLflow puts
+  both in its 400 answers) unless the server runs with ``--debug``, which restores both;
 * JSON nested too deeply or with over-long integers is a 400, not a 500.
 """
 
@@ -91,8 +92,7 @@ class Scorer:
                 body, content_type, self.model, self.input_schema
             )
         except MlflowException as err:
-            status: int = err.get_http_status_code()  # type: ignore[no-untyped-call]
-            return error_answer(status, str(err.error_code), self._message(err.message, body))
+            return self._mlflow_error(err, body)
         except RecursionError:
             return error_answer(400, "BAD_REQUEST", "the JSON body is nested too deeply")
         except ValueError as err:  # e.g. int() digit limits while decoding JSON
@@ -111,6 +111,19 @@ class Scorer:
         if result.mimetype != JSON:  # MLflow's plain-text 415 answers
             return error_answer(result.status, "BAD_REQUEST", result.response[:_MAX_MESSAGE])
         return Answer(status=result.status, body=result.response.encode())
+
+    def _mlflow_error(self, err: Any, body: bytes) -> Answer:
+        """MLflow's error body, field for field (``error_code``, ``message``,
+        ``error_class``, ``sqlstate`` and whatever else it adds), with the message cleaned
+        of request data and ``stack_trace`` kept only with ``--debug``, as MLflow's own
+        server sends it."""
+        status: int = err.get_http_status_code()
+        fields: dict[str, Any] = json.loads(err.serialize_as_json())
+        fields["error_code"] = str(fields.get("error_code", err.error_code))
+        fields["message"] = self._message(err.message, body)
+        if not self.debug:
+            fields.pop("stack_trace", None)
+        return Answer(status=status, body=json.dumps(fields).encode())
 
     # -- messages ---------------------------------------------------------------------
 

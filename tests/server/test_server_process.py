@@ -234,7 +234,9 @@ def test_errors_are_json_and_never_echo_data(server_models: Path, tmp_path: Path
         for answer, status in cases:
             assert answer.status == status, answer.body
             body = answer.json()
-            assert set(body) == {"error_code", "message"}, body
+            # MLflow's fields, never its stack trace (that needs --debug).
+            assert {"error_code", "message"} <= set(body), body
+            assert set(body) <= {"error_code", "message", "error_class", "sqlstate"}, body
             assert secret not in answer.body.decode("utf-8", "replace")
             assert "Traceback" not in body["message"]
         assert server.invoke(
@@ -326,3 +328,40 @@ def test_bad_model_exits_3(tmp_path: Path) -> None:
     with run_server(tmp_path / "model", tmp_path / "logs", wait_ready=False) as server:
         assert server.process.wait(timeout=120) == 3
     assert "could not load the model" in server.stderr()
+
+
+def test_error_bodies_keep_mlflow_fields_and_debug_adds_the_stack_trace(
+    server_models: Path, tmp_path: Path
+) -> None:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from mlflow.pyfunc.scoring_server import invocations
+
+    model_dir = server_models / "sleepy"
+    wrong_column = {"dataframe_split": {"columns": ["y"], "data": [[1.0]]}}
+    failing = {"dataframe_split": {"columns": ["x"], "data": [[1.0]]}, "params": {"sleep": -1.0}}
+    model = mlflow.pyfunc.load_model(str(model_dir))
+
+    def mlflow_answer(request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            invocations(json.dumps(request), "application/json", model, None)
+        except MlflowException as err:
+            answer: dict[str, Any] = json.loads(err.serialize_as_json())
+            return answer
+        raise AssertionError("MLflow accepted the request")
+
+    with run_server(model_dir, tmp_path / "plain", "--workers", "1") as server:
+        ours = server.invoke(wrong_column)
+        theirs = mlflow_answer(wrong_column)
+        assert ours.status == 400
+        assert set(ours.json()) == set(theirs)
+        for field in ("error_code", "error_class", "sqlstate"):
+            assert ours.json()[field] == theirs[field], field
+        failed = server.invoke(failing)
+        assert failed.status == 400
+        assert "stack_trace" in mlflow_answer(failing)
+        assert "stack_trace" not in failed.json()
+    with run_server(model_dir, tmp_path / "debug", "--workers", "1", "--debug") as server:
+        debug = server.invoke(failing).json()
+        assert "Traceback" in debug["stack_trace"]
+        assert "sleep length must be non-negative" in debug["stack_trace"]
