@@ -22,7 +22,7 @@ from packager.env.resolve import LockResult, lock, make_resolver
 from packager.env.target import Target
 from packager.env.wheelhouse import Wheelhouse, build_wheelhouse
 from packager.errors import ImageBuildError, UnsupportedRequirementError, UsageError
-from packager.image import engine, oci
+from packager.image import assemble, bases, blobs, engine, export
 from packager.image.base import validate_reference
 from packager.image.registry import PushedBlobs, push_image
 from packager.progress import Progress
@@ -523,11 +523,11 @@ def build_oci_image(
             hint="use --backend docker, or a base image that already has the packages",
         )
     # The base first: a base for another platform is refused before locking for this one.
-    store = oci.BlobStore((cache_root or default_cache_root()) / "oci")
-    base = oci.load_base(
+    store = blobs.BlobStore((cache_root or default_cache_root()) / "oci")
+    base = bases.load_base(
         image.base_image, store, client_factory=engine.connect, platform=image.lock.platform
     )
-    oci.check_platform(base, image.lock.platform)
+    bases.check_platform(base, image.lock.platform)
     report = lock_model(
         reference,
         replace(image.lock, download=True),
@@ -553,8 +553,8 @@ def build_oci_image(
         dockerfile=False,
     )
     epoch = epoch_for(report.provenance, report.spec)
-    built = oci.assemble(
-        oci.Inputs(
+    built = assemble.assemble(
+        assemble.Inputs(
             plan=plan,
             lock_text=lock_.render(),
             manifest=wheelhouse_manifest(report.wheelhouse),
@@ -567,9 +567,9 @@ def build_oci_image(
         store,
     )
     if outputs.layout is not None:
-        oci.write_layout(built, outputs.layout, tag=tag)
+        export.write_layout(built, outputs.layout, tag=tag)
     if outputs.archive is not None:
-        oci.write_docker_archive(built, outputs.archive, tag=tag, epoch=epoch)
+        export.write_docker_archive(built, outputs.archive, tag=tag, epoch=epoch)
     layers_loaded = None
     if outputs.load and tag is not None:
         layers_loaded = _load(
@@ -581,7 +581,7 @@ def build_oci_image(
             tag,
             built.manifest,
             built.manifest_digest,
-            oci.MANIFEST_MEDIA_TYPE,
+            blobs.MANIFEST_MEDIA_TYPE,
             [(built.config_digest, store.path(built.config_digest))]
             + [(digest, store.path(digest)) for _, digest, _ in built.layers],
         )
@@ -604,7 +604,7 @@ def build_oci_image(
 
 
 def _load(
-    built: oci.OciImage, tag: str, epoch: int, *, base_reference: str, lock_digest: str
+    built: assemble.OciImage, tag: str, epoch: int, *, base_reference: str, lock_digest: str
 ) -> int:
     """Load into the engine untagged, check the id, then tag: no tag on a failed load.
 
@@ -617,7 +617,7 @@ def _load(
     omit = _layers_the_engine_has(client, built, base_reference, tag, lock_digest)
     with tempfile.TemporaryDirectory(prefix="packager-load-", dir=built.store.tmp) as tmp:
         archive = Path(tmp) / "image.tar"
-        oci.write_docker_archive(built, archive, tag=None, epoch=epoch, omit_layers=omit)
+        export.write_docker_archive(built, archive, tag=None, epoch=epoch, omit_layers=omit)
         try:
             loaded = engine.load(client, archive)
         except ImageBuildError as err:
@@ -625,7 +625,7 @@ def _load(
                 raise
             log.info("loading again with every layer (%s)", err)
             omit = frozenset()
-            oci.write_docker_archive(built, archive, tag=None, epoch=epoch)
+            export.write_docker_archive(built, archive, tag=None, epoch=epoch)
             loaded = engine.load(client, archive)
     if built.config_digest not in loaded:
         raise ImageBuildError(
@@ -636,10 +636,10 @@ def _load(
 
 
 def _layers_the_engine_has(
-    client: Any, built: oci.OciImage, base_reference: str, tag: str, lock_digest: str
+    client: Any, built: assemble.OciImage, base_reference: str, tag: str, lock_digest: str
 ) -> frozenset[str]:
     """Digests of the image's leading layers that the engine holds as the same chain."""
-    ours = tuple(oci.diff_ids(built))
+    ours = tuple(export.diff_ids(built))
     stacks = engine.layer_stacks(
         client, references=[base_reference, tag], labels={LOCK_DIGEST_LABEL: lock_digest}
     )
@@ -673,7 +673,7 @@ def check_reproducible(
 ) -> ReproducibilityReport:
     """Build twice, each from empty caches, and compare the manifest digests."""
     results: list[OciBuilt] = []
-    stores: list[oci.BlobStore] = []
+    stores: list[blobs.BlobStore] = []
     with tempfile.TemporaryDirectory(prefix="packager-repro-") as tmp:
         for run_number in (1, 2):
             root = Path(tmp) / f"cache-{run_number}"
@@ -690,12 +690,12 @@ def check_reproducible(
                     cwd=cwd,
                 )
             )
-            stores.append(oci.BlobStore(root / "oci"))
+            stores.append(blobs.BlobStore(root / "oci"))
         digests = (results[0].manifest_digest, results[1].manifest_digest)
         difference = (
             None
             if digests[0] == digests[1]
-            else oci.first_difference(stores[0], stores[1], digests[0], digests[1])
+            else export.first_difference(stores[0], stores[1], digests[0], digests[1])
         )
     return ReproducibilityReport(
         reproducible=digests[0] == digests[1], digests=digests, first_difference=difference

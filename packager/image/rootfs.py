@@ -31,7 +31,8 @@ from typing import TYPE_CHECKING, Literal
 from packager.errors import ImageBuildError
 
 if TYPE_CHECKING:
-    from packager.image.oci import Base, BlobStore
+    from packager.image.bases import Base
+    from packager.image.blobs import BlobStore
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from packager.errors import PushError, UsageError
-from packager.image import oci, wheelinstall
+from packager.image import assemble, bases, blobs, export, wheelinstall
 from packager.image.layers import LAYER_MEDIA_TYPE, Entry, entries_from_tree, write_layer
 from packager.image.registry import _base_url, parse_target
 from tests.fixtures.wheelmaker import build_wheel
@@ -155,11 +155,11 @@ def test_only_loopback_registries_use_plain_http() -> None:
 
 def test_iso_time_is_utc_whatever_the_time_zone(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TZ", "Pacific/Chatham")
-    assert oci.iso_time(0) == "1970-01-01T00:00:00Z"
+    assert assemble.iso_time(0) == "1970-01-01T00:00:00Z"
 
 
-def _store_with_layer(root: Path, files: dict[str, bytes]) -> tuple[oci.BlobStore, str]:
-    store = oci.BlobStore(root)
+def _store_with_layer(root: Path, files: dict[str, bytes]) -> tuple[blobs.BlobStore, str]:
+    store = blobs.BlobStore(root)
     layer = write_layer(
         [Entry(path=p, content=c) for p, c in files.items()],
         store.tmp / "l.tar",
@@ -168,23 +168,23 @@ def _store_with_layer(root: Path, files: dict[str, bytes]) -> tuple[oci.BlobStor
     )
     store.put_file(layer.path, layer.digest)
     config = {"history": [{"comment": "the model"}], "rootfs": {"diff_ids": [layer.digest]}}
-    config_digest = store.put_bytes(oci.canonical_json(config))
+    config_digest = store.put_bytes(blobs.canonical_json(config))
     manifest = {"config": {"digest": config_digest}, "layers": [{"digest": layer.digest}]}
-    return store, store.put_bytes(oci.canonical_json(manifest))
+    return store, store.put_bytes(blobs.canonical_json(manifest))
 
 
 def test_first_difference_names_the_layer_and_file(tmp_path: Path) -> None:
     a, digest_a = _store_with_layer(tmp_path / "a", {"/opt/m/x": b"1", "/opt/m/y": b"2"})
     b, digest_b = _store_with_layer(tmp_path / "b", {"/opt/m/x": b"1", "/opt/m/y": b"3"})
-    found = oci.first_difference(a, b, digest_a, digest_b)
+    found = export.first_difference(a, b, digest_a, digest_b)
     assert found == "layer 1 (the model): /opt/m/y differs"
 
 
 def test_docker_archive_is_deterministic(tmp_path: Path) -> None:
     store, _ = _store_with_layer(tmp_path / "s", {"/a": b"a"})
     layer_digest = next("sha256:" + p.name for p in store.blobs.iterdir() if tarfile.is_tarfile(p))
-    config = oci.canonical_json({"rootfs": {"diff_ids": [layer_digest]}})
-    image = oci.OciImage(
+    config = blobs.canonical_json({"rootfs": {"diff_ids": [layer_digest]}})
+    image = assemble.OciImage(
         manifest=b"{}",
         manifest_digest=store.put_bytes(b"{}"),
         config_digest=store.put_bytes(config),
@@ -192,8 +192,8 @@ def test_docker_archive_is_deterministic(tmp_path: Path) -> None:
         written=0,
         store=store,
     )
-    oci.write_docker_archive(image, tmp_path / "one.tar", tag="x:1", epoch=5)
-    oci.write_docker_archive(image, tmp_path / "two.tar", tag="x:1", epoch=5)
+    export.write_docker_archive(image, tmp_path / "one.tar", tag="x:1", epoch=5)
+    export.write_docker_archive(image, tmp_path / "two.tar", tag="x:1", epoch=5)
     assert (tmp_path / "one.tar").read_bytes() == (tmp_path / "two.tar").read_bytes()
     with tarfile.open(tmp_path / "one.tar") as tar:
         names = tar.getnames()
@@ -204,7 +204,7 @@ def test_docker_archive_is_deterministic(tmp_path: Path) -> None:
 
 
 def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
-    store = oci.BlobStore(tmp_path / "store")
+    store = blobs.BlobStore(tmp_path / "store")
     layer = write_layer(
         [Entry(path="/usr/bin/python3.11", content=b"\x7fELF", executable=True)],
         store.tmp / "l.tar",
@@ -213,7 +213,7 @@ def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
     )
     store.put_file(layer.path, layer.digest)
     config_digest = store.put_bytes(
-        oci.canonical_json(
+        blobs.canonical_json(
             {
                 "architecture": "amd64",
                 "os": "linux",
@@ -223,8 +223,8 @@ def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
         )
     )
     descriptor = {"mediaType": LAYER_MEDIA_TYPE, "digest": layer.digest, "size": layer.size}
-    manifest = oci.canonical_json({"config": {"digest": config_digest}, "layers": [descriptor]})
-    image = oci.OciImage(
+    manifest = blobs.canonical_json({"config": {"digest": config_digest}, "layers": [descriptor]})
+    image = assemble.OciImage(
         manifest=manifest,
         manifest_digest=store.put_bytes(manifest),
         config_digest=config_digest,
@@ -232,14 +232,14 @@ def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
         written=0,
         store=store,
     )
-    oci.write_layout(image, tmp_path / "layout", tag="base")
-    other = oci.BlobStore(tmp_path / "other")
-    base = oci.load_base(
+    export.write_layout(image, tmp_path / "layout", tag="base")
+    other = blobs.BlobStore(tmp_path / "other")
+    base = bases.load_base(
         f"oci:{tmp_path / 'layout'}:base", other, client_factory=lambda: pytest.fail("engine")
     )
     assert [b.digest for b in base.layers] == [layer.digest]
     assert other.has(layer.digest)
     assert base.digest == image.manifest_digest
-    assert oci.base_python(base, "3.11") == "/usr/bin/python3.11"
+    assert bases.base_python(base, "3.11") == "/usr/bin/python3.11"
     with pytest.raises(UsageError, match=r"no python3\.12"):
-        oci.base_python(base, "3.12")
+        bases.base_python(base, "3.12")

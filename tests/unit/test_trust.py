@@ -20,7 +20,7 @@ from packager.env.lock import Lock
 from packager.env.target import Target
 from packager.env.wheelhouse import Wheelhouse
 from packager.errors import ModelFormatError
-from packager.image import oci
+from packager.image import assemble
 from packager.reference import parse_reference
 from packager.source import Provenance, RegistryOptions, fetch_model
 from packager.spec import read_spec
@@ -160,7 +160,7 @@ def test_file_modes_never_widen_for_the_server_user(tmp_path: Path) -> None:
     assert stat.S_IMODE((tmp_path / "ctx" / "model" / "run.sh").stat().st_mode) == 0o700
     assert stat.S_IMODE((tmp_path / "ctx" / "model" / "MLmodel").stat().st_mode) == 0o644
     # The OCI backend writes the same modes into its layer.
-    groups = {kind: entries for kind, _, entries in oci._plan_groups(plan)}
+    groups = {kind: entries for kind, _, entries in assemble._plan_groups(plan)}
     private = {e.path for e in groups["model"] if e.private}
     assert private == {"/opt/model/secrets/.env", "/opt/model/run.sh"}
 
