@@ -344,9 +344,9 @@ def test_error_bodies_keep_mlflow_fields_and_debug_adds_the_stack_trace(
 
     def mlflow_answer(request: dict[str, Any]) -> dict[str, Any]:
         try:
-            invocations(json.dumps(request), "application/json", model, None)
+            invocations(json.dumps(request), "application/json", model, None)  # type: ignore[no-untyped-call]
         except MlflowException as err:
-            answer: dict[str, Any] = json.loads(err.serialize_as_json())
+            answer: dict[str, Any] = json.loads(err.serialize_as_json())  # type: ignore[no-untyped-call]
             return answer
         raise AssertionError("MLflow accepted the request")
 
