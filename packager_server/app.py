@@ -82,6 +82,7 @@ class ServerInfo:
     model_version: str
     mlflow_version: str
     load_seconds: float
+    serving_mode: str = "fork"  # or "spawn": see config.py's --serving-mode
 
 
 class ScoringApp:
@@ -173,7 +174,10 @@ class ScoringApp:
             return Answer(status=200, body=self.info.mlflow_version.encode()), False
         if path == "/metrics":
             body = self.metrics.render(
-                self._labels, workers=self.config.workers, load_seconds=self.info.load_seconds
+                self._labels,
+                workers=self.config.workers,
+                load_seconds=self.info.load_seconds,
+                serving_mode=self.info.serving_mode,
             )
             return Answer(
                 status=200, body=body, content_type="text/plain; version=0.0.4; charset=utf-8"

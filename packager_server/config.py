@@ -18,7 +18,17 @@ flag                       environment (first set wins)                default
 ``--debug``                PACKAGER_DEBUG=1                            off
 ``--model-name``           PACKAGER_MODEL_NAME                         registered_model_meta
 ``--model-version``        PACKAGER_MODEL_VERSION                      registered_model_meta
+``--serving-mode``         PACKAGER_SERVING_MODE (auto|fork|spawn)     auto
 =========================  ==========================================  ==================
+
+``--serving-mode``: ``fork`` loads the model once and forks the workers from it (they
+share its memory); ``spawn`` starts each worker as a fresh interpreter that loads the
+model itself (N copies in memory, no state crosses a fork). ``auto`` forks unless the
+evidence says a fork is unsafe for this model: a flavor whose runtime keeps thread pools
+(TensorFlow, Keras), or threads that loading and the warm-up prediction left running
+(OpenMP, CUDA, framework pools): a forked worker would wait forever on a lock one of them
+held at the fork. The log and ``/metrics`` (``packager_serving_mode``) say which was used
+and why.
 
 ``--debug`` puts exception details into error answers; never enable it in production
 (answers may then contain request data).
@@ -45,6 +55,7 @@ DEFAULT_TIMEOUT = 120.0
 DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 5.0
+SERVING_MODES = ("auto", "fork", "spawn")
 
 
 class ConfigError(ValueError):
@@ -67,6 +78,7 @@ class ServerConfig:
     debug: bool = False
     model_name: str | None = None
     model_version: str | None = None
+    serving_mode: Literal["auto", "fork", "spawn"] = "auto"
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -130,6 +142,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.add_argument("--model-name")
     p.add_argument("--model-version")
+    p.add_argument(
+        "--serving-mode",
+        choices=SERVING_MODES,
+        help="how workers get the model: fork from one load, spawn a load each, or auto "
+        "(fork unless the model's runtime is not fork-safe); default auto",
+    )
     return p
 
 
@@ -184,7 +202,15 @@ def load_config(
         debug=args.debug or _flag(env, "PACKAGER_DEBUG", False),
         model_name=args.model_name or _env(env, "PACKAGER_MODEL_NAME"),
         model_version=args.model_version or _env(env, "PACKAGER_MODEL_VERSION"),
+        serving_mode=_serving_mode(args.serving_mode, env),
     )
+
+
+def _serving_mode(flag: str | None, env: Mapping[str, str]) -> Literal["auto", "fork", "spawn"]:
+    value = flag or _env(env, "PACKAGER_SERVING_MODE") or "auto"
+    if value not in SERVING_MODES:
+        raise ConfigError(f"PACKAGER_SERVING_MODE={value!r}: expected auto, fork or spawn")
+    return value  # type: ignore[return-value]
 
 
 def _header_timeout(flag: float | None, env: Mapping[str, str]) -> float:

@@ -9,6 +9,7 @@ A restarted worker takes over its predecessor's row, so counters never go backwa
 from __future__ import annotations
 
 import mmap
+import os
 import struct
 import time
 from collections.abc import Sequence
@@ -47,10 +48,24 @@ def _escape(value: str) -> str:
 class SharedMetrics:
     """Request counts and latency histograms by path and status, for N worker rows."""
 
-    def __init__(self, rows: int) -> None:
+    def __init__(self, rows: int, fd: int | None = None) -> None:
+        """``fd``: a shared memory file (``memfd``) to map, for workers that are started
+        rather than forked; otherwise an anonymous block shared with forked children."""
         self.rows = rows
-        self._buffer = mmap.mmap(-1, rows * _ROW_CELLS * _CELL)  # MAP_SHARED|MAP_ANONYMOUS
+        size = rows * _ROW_CELLS * _CELL
+        if fd is None:
+            self._buffer = mmap.mmap(-1, size)  # MAP_SHARED|MAP_ANONYMOUS
+        else:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            self._buffer = mmap.mmap(fd, size)  # MAP_SHARED
         self._cells = memoryview(self._buffer).cast("d")
+
+    @classmethod
+    def in_memfd(cls, rows: int) -> tuple[SharedMetrics, int]:
+        """A block that started processes can map: the metrics and the inheritable fd."""
+        fd = os.memfd_create("packager-metrics", 0)  # no MFD_CLOEXEC: workers inherit it
+        return cls(rows, fd), fd
 
     def observe(self, row: int, path: str, status: int, seconds: float) -> None:
         p = PATHS.index(path) if path in PATHS else len(PATHS) - 1
@@ -90,7 +105,12 @@ class SharedMetrics:
         return sum(1 for row in range(self.rows) if self._cells[row * _ROW_CELLS + _BUSY])
 
     def render(
-        self, labels: Sequence[tuple[str, str]], *, workers: int, load_seconds: float
+        self,
+        labels: Sequence[tuple[str, str]],
+        *,
+        workers: int,
+        load_seconds: float,
+        serving_mode: str = "fork",
     ) -> bytes:
         """The Prometheus text exposition format (version 0.0.4)."""
         base = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
@@ -129,6 +149,12 @@ class SharedMetrics:
             "# HELP packager_workers Worker processes configured.",
             "# TYPE packager_workers gauge",
             f"packager_workers{{{base}}} {workers}",
+            (
+                "# HELP packager_serving_mode How workers got the model: forked from one "
+                "load (fork) or each loading it (spawn)."
+            ),
+            "# TYPE packager_serving_mode gauge",
+            f'packager_serving_mode{{{base},mode="{serving_mode}"}} 1',
             "# HELP packager_workers_busy Workers predicting right now.",
             "# TYPE packager_workers_busy gauge",
             f"packager_workers_busy{{{base}}} {self._busy_rows()}",

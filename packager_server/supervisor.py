@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +48,48 @@ _RETIRE_HARD_EXIT_SECONDS = 3.0
 # returns to Python (no signal can reach it): the watchdog kills it.
 _WATCHDOG_GRACE_SECONDS = 10.0
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# Flavors whose runtime starts thread pools when it loads (and that don't survive a fork):
+# their models are spawned without loading them here first.
+FORK_UNSAFE_FLAVORS = frozenset({"tensorflow", "keras"})
+# How a started worker learns its row and inherited descriptors (JSON), and how a
+# supervisor that re-executes itself in spawn mode keeps its listening socket and reason.
+_WORKER_ENV = "PACKAGER_SERVER_WORKER"
+_LISTEN_FD_ENV = "PACKAGER_SERVER_LISTEN_FD"
+_REASON_ENV = "PACKAGER_SERVER_SPAWN_REASON"
+
+
+@dataclass(frozen=True)
+class _Serving:
+    """What a worker serves with: in fork mode the supervisor's, in spawn mode its own."""
+
+    config: ServerConfig
+    scorer: Any
+    metrics: Any
+    info: Any
+    sock: socket.socket
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         config = load_config(argv)
     except ConfigError as err:
         sys.stderr.write(f"packager_server: error: {err}\n")
         return EXIT_CONFIG
     configure_logging(config)
-    return Supervisor(config).run()
+    started_as = os.environ.pop(_WORKER_ENV, None)  # not for the model's own subprocesses
+    if started_as is not None:
+        return run_started_worker(config, json.loads(started_as))
+    return Supervisor(config, argv).run()
 
 
 class Supervisor:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, argv: Sequence[str] = ()) -> None:
         self.config = config
+        self.argv = list(argv)  # how a started worker (or a re-executed self) is configured
+        self.mode = "fork"
+        self._threads_left: dict[int, str] = {}  # thread id -> name, left by the load
+        self._metrics_fd = self._ready_read = self._ready_write = -1
         self.workers: dict[int, int] = {}  # pid -> row
         self._stopping = False
         self._stop_signal = signal.SIGTERM.value
@@ -69,7 +98,7 @@ class Supervisor:
 
     def run(self) -> int:
         try:
-            sock = _bind(self.config.host, self.config.port)
+            sock = _inherited_socket() or _bind(self.config.host, self.config.port)
         except OSError as err:
             # A busy port is an operator error, not a bug: no traceback.
             log.error(  # noqa: TRY400
@@ -81,6 +110,9 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_stop)
         responder = LoadingResponder(sock, header_timeout=self.config.header_timeout)
         responder.start()
+        self.mode, reason = self._mode_before_loading()
+        if self.mode == "spawn":
+            return self._serve_started_workers(sock, responder, reason)
         try:
             loaded = self._load()
         except _Interrupted as stop:
@@ -89,6 +121,16 @@ class Supervisor:
             log.info("received %s while loading the model; stopping", stop.signal_name)
             log.info("stopped")
             return 0
+        if loaded and not self._stopping and self._threads_left:
+            names = ", ".join(sorted(set(self._threads_left.values())))
+            why = (
+                f"loading the model left {len(self._threads_left)} thread(s) running "
+                f"({names}): a forked worker could wait forever on a lock one of them held"
+            )
+            if self.config.serving_mode == "auto":
+                responder.stop()
+                self._respawn_in_spawn_mode(sock, why)  # does not return
+            log.warning("forking anyway (--serving-mode fork): %s", why)
         responder.stop(shutting_down=not loaded or self._stopping)
         if not loaded:
             return EXIT_LOAD_FAILED
@@ -98,7 +140,8 @@ class Supervisor:
             log.info("stopped")
             return 0
         log.info(
-            "model %s version %s loaded in %.2fs; starting %d worker(s) on %s:%d",
+            "model %s version %s loaded in %.2fs; forking %d worker(s) on %s:%d "
+            "(serving mode fork: they share the loaded model)",
             self.info.model_name,
             self.info.model_version,
             self.info.load_seconds,
@@ -127,6 +170,8 @@ class Supervisor:
                 raise _Interrupted(self._stop_signal)
             started = time.monotonic()
             try:
+                _import_mlflow()  # its own threads (if any) are not the model's
+                before = _threads()
                 model, info = load_model(self.config)
             except Exception:
                 log.exception("could not load the model from %s", self.config.model_dir)
@@ -141,6 +186,10 @@ class Supervisor:
 
             scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
             _warm_up(scorer, self.config.model_dir)
+            # Evidence for --serving-mode auto: threads the loader and the first prediction
+            # started (OpenMP, CUDA, a framework's pools) are gone in a forked worker, and
+            # any lock one of them held stays held there.
+            self._threads_left = {t: n for t, n in _threads().items() if t not in before}
             self.info = ServerInfo(load_seconds=time.monotonic() - started, **info)
             self.scorer, self.metrics = scorer, SharedMetrics(self.config.workers)
             return True
@@ -160,6 +209,9 @@ class Supervisor:
 
     def _spawn(self, row: int) -> None:
         self.metrics.reset_row(row)  # the row's previous worker may have died predicting
+        if self.mode == "spawn":
+            self._start(row)
+            return
         # Hold SIGTERM/SIGINT across the fork until the worker has its own handlers: one
         # arriving before would run the supervisor's handler in the worker, and be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -167,7 +219,8 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                code = _run_worker(self, row)
+                shared = _Serving(self.config, self.scorer, self.metrics, self.info, self.sock)
+                code = _run_worker(shared, row)
             except BaseException:
                 log.exception("worker %d failed", row)
             finally:
@@ -177,9 +230,11 @@ class Supervisor:
 
     def _supervise(self) -> int:
         births = dict.fromkeys(self.workers, time.monotonic())
-        # Workers are serving: the supervisor is idle, so it runs MLflow's load-time
-        # checks now, in its main thread (a thread here could hold a lock across a fork).
-        check_environment(self.config.model_dir, self.scorer.model)
+        if self.mode == "fork":
+            # Workers are serving: the supervisor is idle, so it runs MLflow's load-time
+            # checks now, in its main thread (a thread here could hold a lock across a
+            # fork). Started workers run them themselves.
+            check_environment(self.config.model_dir, self.scorer.model)
         while not self._stopping:
             time.sleep(0.2)
             for pid, status in _reap():
@@ -204,6 +259,93 @@ class Supervisor:
             self._watchdog()  # after reaping: a dead worker's busy mark is no longer read
         return self._shutdown()
 
+    # -- spawn mode ---------------------------------------------------------------------
+
+    def _mode_before_loading(self) -> tuple[str, str]:
+        """("fork" | "spawn", why), from the configuration and the model's flavors."""
+        reason = os.environ.pop(_REASON_ENV, "")
+        if self.config.serving_mode != "auto":
+            return self.config.serving_mode, reason or f"--serving-mode {self.config.serving_mode}"
+        unsafe = sorted(FORK_UNSAFE_FLAVORS & _flavors(self.config.model_dir))
+        if unsafe:
+            return "spawn", (
+                f"the model's {', '.join(unsafe)} runtime keeps thread pools that do not "
+                "survive a fork"
+            )
+        return "fork", ""
+
+    def _respawn_in_spawn_mode(self, sock: socket.socket, reason: str) -> None:
+        """Start over as a supervisor in spawn mode, without this process's copy of the
+        model: execve keeps the listening socket (connections wait in its backlog)."""
+        log.warning("serving mode spawn: %s; restarting without the loaded model", reason)
+        env = {
+            **os.environ,
+            "PACKAGER_SERVING_MODE": "spawn",
+            _LISTEN_FD_ENV: str(sock.fileno()),
+            _REASON_ENV: reason,
+        }
+        argv = [sys.executable, "-m", "packager_server", *self.argv]
+        os.execve(sys.executable, argv, env)  # noqa: S606 - this interpreter, argv list
+
+    def _serve_started_workers(
+        self, sock: socket.socket, responder: LoadingResponder, reason: str
+    ) -> int:
+        """Spawn mode: each worker is a new interpreter that loads the model itself; the
+        responder answers probes until the first of them serves."""
+        from packager_server.metrics import SharedMetrics  # noqa: PLC0415
+
+        self.sock = sock
+        self.metrics, self._metrics_fd = SharedMetrics.in_memfd(self.config.workers)
+        self._ready_read, self._ready_write = os.pipe()
+        os.set_inheritable(self._ready_write, True)
+        os.set_blocking(self._ready_read, False)
+        log.info(
+            "serving mode spawn: %s; starting %d worker(s) on %s:%d, each loading the model",
+            reason,
+            self.config.workers,
+            self.config.host,
+            self.config.port,
+        )
+        for row in range(self.config.workers):
+            self._spawn(row)
+        while not self._stopping and not self._a_worker_serves():
+            time.sleep(0.05)
+            for pid, status in _reap():
+                self.workers.pop(pid, None)
+                code = os.waitstatus_to_exitcode(status)
+                log.error("a worker exited with %d before serving", code)
+                if code == EXIT_LOAD_FAILED or not self.workers:
+                    responder.stop(shutting_down=True)
+                    self._stop_workers()
+                    return EXIT_LOAD_FAILED
+        responder.stop(shutting_down=self._stopping)
+        return self._supervise()
+
+    def _start(self, row: int) -> None:
+        """A worker as a new interpreter (no fork of this process), given the listening
+        socket, the metrics block and the ready pipe as inherited descriptors."""
+        spec = {
+            "row": row,
+            "listen_fd": self.sock.fileno(),
+            "metrics_fd": self._metrics_fd,
+            "ready_fd": self._ready_write,
+        }
+        env = {**os.environ, _WORKER_ENV: json.dumps(spec), "PACKAGER_SERVING_MODE": "spawn"}
+        pid = os.posix_spawn(
+            sys.executable,
+            [sys.executable, "-m", "packager_server", *self.argv],
+            env,
+            setsigmask=(),
+            setsigdef=tuple(_STOP_SIGNALS),
+        )
+        self.workers[pid] = row
+
+    def _a_worker_serves(self) -> bool:
+        try:
+            return bool(os.read(self._ready_read, 64))
+        except BlockingIOError:
+            return False
+
     def _watchdog(self) -> None:
         limit = self.config.timeout + _WATCHDOG_GRACE_SECONDS
         for pid, row in list(self.workers.items()):
@@ -220,6 +362,11 @@ class Supervisor:
 
     def _shutdown(self) -> int:
         self.sock.close()  # new connections are refused from now on
+        self._stop_workers()
+        log.info("stopped")
+        return 0
+
+    def _stop_workers(self) -> None:
         for pid in list(self.workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -232,8 +379,6 @@ class Supervisor:
             log.warning("worker pid %d did not stop in time; killing it", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        log.info("stopped")
-        return 0
 
 
 class _Interrupted(BaseException):
@@ -256,7 +401,36 @@ def _reap() -> list[tuple[int, int]]:
         found.append((pid, status))
 
 
-def _run_worker(supervisor: Supervisor, row: int) -> int:
+def run_started_worker(config: ServerConfig, spec: dict[str, int]) -> int:
+    """A worker in spawn mode: load the model in this fresh interpreter, say so on the
+    ready pipe, then serve the inherited socket like a forked worker."""
+    from packager_server.app import ServerInfo  # noqa: PLC0415
+    from packager_server.metrics import SharedMetrics  # noqa: PLC0415
+    from packager_server.scoring import Scorer  # noqa: PLC0415
+
+    row = int(spec["row"])
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # stopped while loading: quietly
+    sock = socket.socket(fileno=int(spec["listen_fd"]))
+    metrics = SharedMetrics(config.workers, int(spec["metrics_fd"]))
+    started = time.monotonic()
+    try:
+        model, info = load_model(config)
+        scorer = Scorer(model, fast_path=config.fast_path, debug=config.debug)
+        _warm_up(scorer, config.model_dir)
+    except Exception:
+        log.exception("worker %d could not load the model from %s", row, config.model_dir)
+        return EXIT_LOAD_FAILED
+    served = ServerInfo(load_seconds=time.monotonic() - started, serving_mode="spawn", **info)
+    os.write(int(spec["ready_fd"]), bytes([row % 256]))
+    os.close(int(spec["ready_fd"]))
+    if row == 0:  # no fork follows in this process: a thread is safe here
+        threading.Thread(
+            target=check_environment, args=(config.model_dir, model), daemon=True
+        ).start()
+    return _run_worker(_Serving(config, scorer, metrics, served, sock), row)
+
+
+def _run_worker(supervisor: _Serving, row: int) -> int:
     import uvicorn  # noqa: PLC0415 - imported by the master before forking (see run)
 
     from packager_server.app import (  # noqa: PLC0415
@@ -318,11 +492,16 @@ def _run_worker(supervisor: Supervisor, row: int) -> int:
     return EXIT_RETIRED if app.retiring else 0
 
 
-def load_model(config: ServerConfig) -> tuple[Any, dict[str, str]]:
-    """Load the model with MLflow, as ``mlflow models serve`` does; returns it and labels."""
+def _import_mlflow() -> None:
     # An image must never phone home: MLflow 3 sends usage telemetry unless told not to.
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    import mlflow.pyfunc  # noqa: F401, PLC0415
+
+
+def load_model(config: ServerConfig) -> tuple[Any, dict[str, str]]:
+    """Load the model with MLflow, as ``mlflow models serve`` does; returns it and labels."""
+    _import_mlflow()
     import mlflow  # noqa: PLC0415
     import mlflow.pyfunc  # noqa: PLC0415
 
@@ -385,6 +564,38 @@ def _warm_up(scorer: Any, model_dir: Path) -> None:
         return
     answer = scorer.invoke(example.read_bytes(), "application/json")
     log.info("warm-up prediction on the serving example: %d (%s path)", answer.status, answer.route)
+
+
+def _threads() -> dict[int, str]:
+    """This process's threads (native ones too: OpenMP, CUDA), by id, with their names."""
+    try:
+        tasks = [p.name for p in Path("/proc/self/task").iterdir()]
+    except OSError:  # no /proc: Python's own threads are what can be seen
+        return {t.native_id or 0: t.name for t in threading.enumerate()}
+    found = {}
+    for task in tasks:
+        try:
+            found[int(task)] = Path(f"/proc/self/task/{task}/comm").read_text().strip()
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
+def _flavors(model_dir: Path) -> set[str]:
+    import yaml  # noqa: PLC0415 - a dependency of MLflow
+
+    try:
+        data = yaml.safe_load((model_dir / "MLmodel").read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return set()  # the load reports what is wrong with MLmodel
+    flavors = data.get("flavors") if isinstance(data, dict) else None
+    return set(flavors) if isinstance(flavors, dict) else set()
+
+
+def _inherited_socket() -> socket.socket | None:
+    """The listening socket a supervisor re-executed in spawn mode kept open."""
+    fd = os.environ.pop(_LISTEN_FD_ENV, None)
+    return socket.socket(fileno=int(fd)) if fd else None
 
 
 def _bind(host: str, port: int) -> socket.socket:
