@@ -265,7 +265,7 @@ def _warnings(spec: ModelSpec) -> tuple[str, ...]:
 
 @dataclass(frozen=True, kw_only=True)
 class ImageOptions:
-    base_image: str
+    base_image: str | None = None  # default: python:X.Y-slim for the image's Python
     system_packages: tuple[str, ...] = ()
     lock: LockOptions = field(default_factory=LockOptions)
     # Ship the venv's bytecode, written by the base's interpreter: a faster start for a
@@ -274,6 +274,14 @@ class ImageOptions:
     # Ship the packages' tests directories (by default they are removed: ~50 MB that a
     # served model never imports).
     keep_tests: bool = False
+
+    def base_for(self, spec: ModelSpec) -> str:
+        """The base image: the one given, or the official ``python:X.Y-slim`` for the
+        Python the image will have (--python, else the model's)."""
+        if self.base_image is not None:
+            return self.base_image
+        python = ".".join((self.lock.python or spec.python_version).split(".")[:2])
+        return f"python:{python}-slim"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -321,12 +329,13 @@ def generate_context(
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
+    base_image = image.base_for(report.spec)
     plan = plan_context(
         report.spec,
         report.provenance,
         report.result.lock,
         report.wheelhouse,
-        base_image=image.base_image,
+        base_image=base_image,
         base_digest=base_digest,
         system_packages=image.system_packages,
         bytecode=image.bytecode,
@@ -353,9 +362,10 @@ def build_image(
     client = engine.connect()
     ref = parse_reference(reference, cwd=cwd or Path.cwd())
     sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
-    base = _check_base(
-        client, image.base_image, read_spec(sourced.path, sourced.files), image.lock.platform
-    )
+    spec = read_spec(sourced.path, sourced.files)
+    base_image = image.base_for(spec)
+    image = replace(image, base_image=base_image)
+    base = _check_base(client, base_image, spec, image.lock.platform)
     with tempfile.TemporaryDirectory(prefix="packager-context-") as tmp:
         context = generate_context(
             reference,
@@ -376,7 +386,7 @@ def build_image(
         image_id=image_id,
         tags=(tag,),
         size_bytes=int(built.attrs["Size"]),
-        base_image=image.base_image,
+        base_image=base_image,
         base_image_id=base.image_id,
         base_image_digest=base.digest,
         context=context,
@@ -522,10 +532,13 @@ def build_oci_image(
             "--system-package needs apt inside the image, which only the Docker backend runs",
             hint="use --backend docker, or a base image that already has the packages",
         )
-    # The base first: a base for another platform is refused before locking for this one.
+    ref = parse_reference(reference, cwd=cwd or Path.cwd())
+    sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
+    base_image = image.base_for(read_spec(sourced.path, sourced.files))
+    # The base before locking: a base for another platform is refused before any resolution.
     store = blobs.BlobStore((cache_root or default_cache_root()) / "oci")
     base = bases.load_base(
-        image.base_image, store, client_factory=engine.connect, platform=image.lock.platform
+        base_image, store, client_factory=engine.connect, platform=image.lock.platform
     )
     bases.check_platform(base, image.lock.platform)
     report = lock_model(
@@ -536,6 +549,7 @@ def build_oci_image(
         cache_root=cache_root,
         progress=progress,
         cwd=cwd,
+        sourced=sourced,
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
@@ -545,7 +559,7 @@ def build_oci_image(
         report.provenance,
         lock_,
         report.wheelhouse,
-        base_image=image.base_image,
+        base_image=base_image,
         base_digest=base.digest,
         system_packages=image.system_packages,
         bytecode=image.bytecode,
@@ -573,7 +587,7 @@ def build_oci_image(
     layers_loaded = None
     if outputs.load and tag is not None:
         layers_loaded = _load(
-            built, tag, epoch, base_reference=image.base_image, lock_digest=lock_.digest
+            built, tag, epoch, base_reference=base_image, lock_digest=lock_.digest
         )
     pushed = None
     if outputs.push and tag is not None:
@@ -593,7 +607,7 @@ def build_oci_image(
         layers=len(built.layers),
         layers_written=built.written,
         size_bytes=sum(size for _, _, size in built.layers),
-        base_image=image.base_image,
+        base_image=base_image,
         lock_digest=lock_.digest,
         layout=str(outputs.layout) if outputs.layout else None,
         archive=str(outputs.archive) if outputs.archive else None,

@@ -254,7 +254,10 @@ def _add_image_commands(
         "--base-image",
         default=None,
         metavar="REF",
-        help="base image in the local engine (default: python:X.Y-slim for the model's Python)",
+        help="base image: in the local engine, else pulled from its registry by the default "
+        "backend (PACKAGER_BASE_REGISTRY: a mirror for Docker Hub names); also oci:DIR, "
+        "docker-archive:FILE, docker://REGISTRY/NAME:TAG (default: python:X.Y-slim for the "
+        "image's Python)",
     )
     image_parent.add_argument(
         "--system-package",
@@ -497,9 +500,9 @@ def _lock_options(args: argparse.Namespace) -> api.LockOptions:
     )
 
 
-def _image_options(args: argparse.Namespace, python_default: str | None = None) -> api.ImageOptions:
+def _image_options(args: argparse.Namespace) -> api.ImageOptions:
     return api.ImageOptions(
-        base_image=args.base_image or f"python:{python_default or '3.11'}-slim",
+        base_image=args.base_image,
         system_packages=tuple(args.system_package),
         bytecode=args.bytecode,
         keep_tests=args.keep_tests,

@@ -27,6 +27,11 @@ from packager.image.layers import (
 
 log = logging.getLogger(__name__)
 
+# Docker Hub's registry, where names without a registry live, and the setting that points
+# them at a mirror (a pull-through cache, an internal registry) instead.
+DOCKER_HUB = "registry-1.docker.io"
+BASE_REGISTRY_ENV = "PACKAGER_BASE_REGISTRY"
+
 DOCKER_LAYER = "application/vnd.docker.image.rootfs.diff.tar"
 PLATFORMS = {"linux/amd64": ("amd64", None), "linux/arm64": ("arm64", "v8")}
 
@@ -59,7 +64,8 @@ def load_base(
 
     ``reference`` is an image in the local engine, ``oci:DIR[:TAG]``,
     ``docker-archive:FILE``, or ``docker://REGISTRY/NAME[:TAG|@DIGEST]`` (pulled with the
-    distribution API; ``platform`` picks the image from a multi-platform index).
+    distribution API; ``platform`` picks the image from a multi-platform index). A plain
+    reference the engine lacks (or with no engine) is pulled from its registry.
     """
     if reference.startswith("oci:"):
         return _base_from_layout(reference, store)
@@ -83,7 +89,42 @@ def load_base(
         known = _saved_base(reference, store, str(quick["Id"]), engine.digest_from_attrs(quick))
         if known is not None:
             return known
-    return _base_from_engine(reference, store, client_factory())
+        return _base_from_engine(reference, store, client_factory())
+    client = _engine_with(reference, client_factory)
+    if client is not None:
+        return _base_from_engine(reference, store, client)
+    # Not in an engine (or none answers): from its registry, by digest, as `docker pull`
+    # would, but with no daemon. Docker Hub names go to PACKAGER_BASE_REGISTRY if set.
+    pulled = registry_reference(reference)
+    log.info("the base %s is not in a local engine: pulling docker://%s", reference, pulled)
+    return load_base(f"docker://{pulled}", store, client_factory=client_factory, platform=platform)
+
+
+def registry_reference(reference: str) -> str:
+    """Where a plain image reference lives: ``REGISTRY/REPO:TAG`` as Docker resolves it
+    (``python:3.11-slim`` is Docker Hub's ``library/python``), with Docker Hub replaced by
+    the mirror in ``PACKAGER_BASE_REGISTRY`` (``HOST[:PORT]``) when that is set."""
+    first, _, rest = reference.partition("/")
+    if first in ("docker.io", "index.docker.io", DOCKER_HUB):
+        reference, (first, _, rest) = rest, rest.partition("/")
+    elif rest and ("." in first or ":" in first or first == "localhost"):
+        return reference  # names its registry: no mirror applies
+    path = reference if rest else f"library/{reference}"
+    mirror = os.environ.get(BASE_REGISTRY_ENV, "").strip().rstrip("/")
+    return f"{mirror or DOCKER_HUB}/{path}"
+
+
+def _engine_with(reference: str, client_factory: Callable[[], Any]) -> Any | None:
+    """A client of an engine that has ``reference``, or None (no engine, or it lacks it)."""
+    from packager.errors import DockerUnavailableError  # noqa: PLC0415
+
+    if not engine.reachable():
+        return None
+    try:
+        client = client_factory()
+    except DockerUnavailableError:
+        return None
+    return client if engine.image_exists(client, reference) else None
 
 
 def _saved_base(reference: str, store: BlobStore, image_id: str, digest: str) -> Base | None:

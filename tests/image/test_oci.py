@@ -396,3 +396,57 @@ def test_bases_from_an_archive_and_a_registry(  # noqa: PLR0917 - pytest fixture
     assert "passed" in capsys.readouterr().out
     docker_client.images.remove(tag, force=True)
     docker_client.images.remove(pushed, force=True)
+
+
+def test_the_default_base_is_pulled_from_a_mirror_without_an_engine(
+    registry_env: MlflowServer,
+    base_image: str,
+    local_registry: str,
+    docker_client: Any,
+    tmp_path: Path,
+) -> None:
+    """No --base-image and no engine (a CI runner without a daemon): the default base,
+    python:3.11-slim, comes from its registry by digest; PACKAGER_BASE_REGISTRY points
+    Docker Hub names at a mirror (here the local registry holding our base under that name)."""
+    mirrored = f"{local_registry}/library/python:3.11-slim"
+    docker_client.images.get(base_image).tag(mirrored)
+    subprocess.run(["docker", "push", mirrored], check=True, capture_output=True, timeout=600)
+    docker_client.images.remove(mirrored)
+    env = {
+        **os.environ,
+        "DOCKER_HOST": f"unix://{tmp_path / 'no-engine.sock'}",
+        "PACKAGER_BASE_REGISTRY": local_registry,
+        "PACKAGER_CACHE_DIR": str(tmp_path / "cache"),
+    }
+    built = subprocess.run(
+        [PACKAGER, "build", "models:/params-model/1", "-o", str(tmp_path / "image"), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+        env=env,
+    )
+    assert built.returncode == 0, built.stderr[-4000:]
+    assert f"pulling docker://{mirrored}" in built.stderr
+    blobs = tmp_path / "image" / "blobs" / "sha256"
+    index = json.loads((tmp_path / "image" / "index.json").read_text())
+    manifest = json.loads((blobs / index["manifests"][0]["digest"][7:]).read_text())
+    labels = json.loads((blobs / manifest["config"]["digest"][7:]).read_text())["config"]["Labels"]
+    assert labels["org.opencontainers.image.base.name"] == "python:3.11-slim"  # not the mirror
+    pushed = _manifest_digest(local_registry, "library/python", "3.11-slim")
+    assert labels["org.opencontainers.image.base.digest"] == pushed
+
+
+def _manifest_digest(address: str, repository: str, tag: str) -> str:
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://{address}/v2/{repository}/manifests/{tag}",
+        method="HEAD",
+        headers={
+            "Accept": "application/vnd.docker.distribution.manifest.v2+json, "
+            "application/vnd.oci.image.manifest.v1+json"
+        },
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return str(answer.headers["Docker-Content-Digest"])
