@@ -295,7 +295,7 @@ class GeneratedContext:
 class BuiltImage:
     image_id: str
     tags: tuple[str, ...]
-    size_bytes: int
+    size_bytes: int  # the image's file contents, uncompressed, as the engine reports
     base_image: str
     base_image_id: str
     base_image_digest: str
@@ -475,7 +475,10 @@ class OciBuilt:
     epoch: int
     layers: int
     layers_written: int  # the rest came from the layer cache
-    size_bytes: int  # all layers, as stored
+    # The image's file contents, uncompressed: the engine's (and `docker images`') size,
+    # the same definition as the Docker backend's BuiltImage.size_bytes.
+    size_bytes: int
+    layers_bytes: int  # the layer blobs as stored (tar headers included): what a push sends
     base_image: str
     lock_digest: str
     layout: str | None
@@ -606,7 +609,8 @@ def build_oci_image(
         epoch=epoch,
         layers=len(built.layers),
         layers_written=built.written,
-        size_bytes=sum(size for _, _, size in built.layers),
+        size_bytes=sum(store.content_size(digest) for _, digest, _ in built.layers),
+        layers_bytes=sum(size for _, _, size in built.layers),
         base_image=base_image,
         lock_digest=lock_.digest,
         layout=str(outputs.layout) if outputs.layout else None,

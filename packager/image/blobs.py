@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import shutil
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -55,6 +56,23 @@ class BlobStore:
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def content_size(self, digest: str) -> int:
+        """The bytes of the regular files in a layer blob (plain or gzip tar): what an
+        engine counts as the layer's size, and ``docker images`` sums. Read once per
+        blob, then remembered next to it."""
+        remembered = self.root / "sizes" / digest.removeprefix("sha256:")
+        try:
+            return int(remembered.read_text())
+        except (OSError, ValueError):
+            pass
+        with tarfile.open(self.path(digest), "r:*") as layer:
+            size = sum(member.size for member in layer if member.isreg())
+        remembered.parent.mkdir(exist_ok=True)
+        tmp = self.tmp / f"size.{digest[7:]}.{os.getpid()}"
+        tmp.write_text(str(size))
+        tmp.replace(remembered)
+        return size
 
     def put_bytes(self, data: bytes) -> str:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()

@@ -216,6 +216,14 @@ def test_same_files_and_config_as_the_docker_backend(
     ]
     for key in ("User", "Entrypoint", "Env", "Labels", "ExposedPorts", "Healthcheck", "WorkingDir"):
         assert configs[0].get(key) == configs[1].get(key), key
+    # One size for both backends: the file contents, as the engine counts them (which
+    # counts symlinks the tar headers don't size: a few KB apart at most).
+    report = json.loads(built.stdout)
+    engine_sizes = [docker_client.images.get(i).attrs["Size"] for i in (pyfunc_code_image, tag)]
+    assert abs(report["size_bytes"] - engine_sizes[1]) < 2**20, (report, engine_sizes)
+    assert abs(engine_sizes[0] - engine_sizes[1]) < 2**20, engine_sizes
+    assert report["layers_bytes"] > report["size_bytes"]  # tar headers and padding
+    assert report["image_id"] == docker_client.images.get(tag).id
     docker_client.images.remove(tag, force=True)
 
 
