@@ -51,6 +51,11 @@ examples:
   packager inspect ./downloaded-model
   packager lock models:/wine@champion -o wine.lock
   packager serve models:/wine@champion --port 5001
+  packager base build --python 3.11 -t packager-base:3.11
+  packager build models:/wine@champion -t wine:3 --base-image packager-base:3.11
+  packager build models:/wine@champion -t registry.example.com/wine:3 --push
+  packager test wine:3
+  packager push registry.example.com/team/wine:3
 
 exit codes:
   0    success
@@ -390,7 +395,17 @@ def _add_image_commands(
     push_parser.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     push_parser.set_defaults(handler=_push)
 
-    base = commands.add_parser("base", help="base images built from Debian's packages")
+    base = commands.add_parser(
+        "base",
+        help="base images built from Debian's packages",
+        description="Base images for packager's images, built here from Debian's packages "
+        "with mmdebstrap (no registry needed): Debian + Python, a non-root user (uid 10001), "
+        "nothing from the build host, reproducible from the same packages. For machines "
+        "whose engine cannot pull python:X.Y-slim.",
+        epilog="example:\n  packager base build --python 3.11 -t packager-base:3.11\n"
+        "  packager build models:/wine/3 -t wine:3 --base-image packager-base:3.11\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     base_commands = base.add_subparsers(dest="base_command", metavar="COMMAND", required=True)
     base_build = base_commands.add_parser(
         "build",
@@ -401,7 +416,12 @@ def _add_image_commands(
         epilog="example:\n  packager base build --python 3.11 -t packager-base:3.11\n",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    base_build.add_argument("--python", required=True, help="X.Y")
+    base_build.add_argument(
+        "--python",
+        required=True,
+        metavar="X.Y",
+        help="the base's Python: 3.11 (Debian bookworm) or 3.13 (trixie)",
+    )
     base_build.add_argument(
         "-t", "--tag", required=True, metavar="IMAGE:TAG", help="the base image's name"
     )

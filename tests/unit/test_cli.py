@@ -165,3 +165,22 @@ def test_generate_warns_about_a_base_the_engine_lacks(
     monkeypatch.setattr(api, "base_missing", lambda reference: reference == "python:3.11-slim")
     assert main(["generate", "m", "-o", str(tmp_path / "ctx")]) == 0
     assert "python:3.11-slim is not in the local engine" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "needles"),
+    [
+        (["--help"], ["packager build models:/wine@champion -t wine:3", "packager test wine:3"]),
+        (["base", "--help"], ["mmdebstrap", "packager base build --python 3.11"]),
+        (["build", "--help"], ["MODEL", "models:/NAME@ALIAS", "--resolver", "--lock FILE"]),
+        (["test", "--help"], ["/ping", "/health", "/version", "/metrics", "/live", "/ready"]),
+        (["serve", "--help"], ["--port PORT", "port to listen on", "one JSON object per line"]),
+    ],
+)
+def test_help_describes_arguments_and_shows_examples(
+    argv: list[str], needles: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(argv) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in needles:
+        assert " ".join(needle.split()) in text, needle
