@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import MlflowServer
-from tests.image.conftest import no_user_namespaces
+from tests.image.conftest import forbid_user_namespaces
 
 pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 
@@ -190,17 +190,24 @@ def test_same_files_and_config_as_the_docker_backend(
     tag = "packager-test/oci-pyfunc-code:1"
     # Where user namespaces are forbidden, the daemonless build still writes the base's own
     # bytecode: the tree below is compared byte for byte with the Docker backend's.
-    with no_user_namespaces():
-        built = subprocess.run(
-            [
-                *(PACKAGER, "build", "models:/pyfunc-code/1", "--backend", "oci"),
-                *("-t", tag, "--load", "--base-image", base_image, "--json"),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=BUILD_TIMEOUT,
-            check=False,
-        )
+    probe = subprocess.run(
+        ["unshare", "--user", "--map-root-user", "true"],
+        preexec_fn=forbid_user_namespaces,
+        capture_output=True,
+        check=False,
+    )
+    assert probe.returncode != 0, "the filter let a user namespace through"
+    built = subprocess.run(
+        [
+            *(PACKAGER, "build", "models:/pyfunc-code/1", "--backend", "oci"),
+            *("-t", tag, "--load", "--base-image", base_image, "--json"),
+        ],
+        preexec_fn=forbid_user_namespaces,
+        capture_output=True,
+        text=True,
+        timeout=BUILD_TIMEOUT,
+        check=False,
+    )
     assert built.returncode == 0, built.stderr[-4000:]
     trees = [_tree(image) for image in (pyfunc_code_image, tag)]
     docker_files, oci_files = trees
