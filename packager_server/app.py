@@ -22,14 +22,21 @@ Timeouts: inline, a SIGALRM interrupts the prediction; on the thread, the event 
 stops waiting. Either way the client gets a 504 and the worker retires: it stops
 accepting, answers its queued requests with 503, and exits, and the supervisor forks a
 fresh copy from the loaded model (a stuck thread cannot be killed any other way; MLflow's
-server lets it run on). A prediction stuck in C code that never returns to Python is
-killed by the supervisor's watchdog.
+server lets it run on). Neither works when the prediction is stuck in C code that holds
+the GIL, or that never returns to Python on the event loop's thread: the worker then runs
+no Python at all. For that, the start of the worker's oldest prediction is in shared
+memory (its busy mark), with the state of every connection
+(:mod:`packager_server.takeover`): one second past the timeout the supervisor stops the
+worker, answers the 504 itself (and 503 to the worker's other outstanding requests), and
+replaces it. A prediction abandoned on the thread keeps the busy mark, so that a retiring
+worker that cannot exit (that thread took the GIL) is replaced the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import itertools
 import json
 import logging
 import signal
@@ -50,12 +57,12 @@ except ImportError:  # httptools is optional; workers then use JsonErrorsH11
     HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
 
 from packager_server.config import ServerConfig
-from packager_server.connections import GuardedConnection
-from packager_server.logs import printable
+from packager_server.connections import SLOT_KEY, GuardedConnection
+from packager_server.logs import log_access
 from packager_server.metrics import SharedMetrics
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
+from packager_server.takeover import Lifeline, deadline_message
 
-access_log = logging.getLogger("packager_server.access")
 log = logging.getLogger(__name__)
 
 Scope = dict[str, Any]
@@ -97,6 +104,7 @@ class ScoringApp:
         row: int,
         info: ServerInfo,
         retire: Callable[[], None],
+        lifeline: Lifeline | None = None,
     ) -> None:
         self.scorer = scorer
         self.config = config
@@ -104,6 +112,15 @@ class ScoringApp:
         self.row = row
         self.info = info
         self._retire = retire
+        self._lifeline = lifeline
+        # Predictions not yet answered (one inline; on the thread, queued ones too), by
+        # number, with their start: the oldest is the worker's busy mark.
+        self._in_flight: dict[int, float] = {}
+        self._numbers = itertools.count()
+        # The start of a prediction left running on the thread after its timeout: it
+        # stays the busy mark, for the supervisor to replace this worker should it not
+        # exit (its hard-exit timer needs the GIL, which that thread may hold).
+        self._abandoned = 0.0
         self._labels = (("model", info.model_name), ("version", info.model_version))
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict")
         self._pending: set[concurrent.futures.Future[Answer]] = set()
@@ -122,7 +139,11 @@ class ScoringApp:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         request_id = _request_id(headers.get("x-request-id"))
         path, method = scope["path"], scope["method"]
-        answer, close = await self._route(path, method, headers, receive)
+        slot: int | None = scope.get("state", {}).get(SLOT_KEY)
+        if path == "/invocations" and method == "POST":
+            answer, close = await self._invocations(headers, receive, slot, request_id)
+        else:
+            answer, close = await self._route(path, method)
         response_headers = [
             (b"content-type", answer.content_type.encode()),
             (b"content-length", str(len(answer.body)).encode()),
@@ -139,6 +160,8 @@ class ScoringApp:
         # its answer (perhaps from another worker) must already see it.
         elapsed = time.perf_counter() - started
         self.metrics.observe(self.row, path, answer.status, elapsed)
+        if slot is not None and self._lifeline is not None:
+            self._lifeline.writing(slot)  # from here on the supervisor must not write
         await send(
             {"type": "http.response.start", "status": answer.status, "headers": response_headers}
         )
@@ -153,13 +176,10 @@ class ScoringApp:
                 request_id=request_id,
             )
 
-    async def _route(
-        self, path: str, method: str, headers: dict[str, str], receive: Receive
-    ) -> tuple[Answer, bool]:
+    async def _route(self, path: str, method: str) -> tuple[Answer, bool]:
+        """Everything but ``POST /invocations``."""
         if path == "/invocations":
-            if method != "POST":
-                return error_answer(405, "BAD_REQUEST", "use POST for /invocations"), False
-            return await self._invocations(headers, receive)
+            return error_answer(405, "BAD_REQUEST", "use POST for /invocations"), False
         if method not in ("GET", "HEAD"):
             known = path in _PROBES | _LIVE | {"/version", "/metrics"}
             if known:
@@ -185,7 +205,9 @@ class ScoringApp:
         # The path is not echoed: an answer (or a log line) never carries request data.
         return error_answer(404, "RESOURCE_DOES_NOT_EXIST", _NO_ENDPOINT), False
 
-    async def _invocations(self, headers: dict[str, str], receive: Receive) -> tuple[Answer, bool]:
+    async def _invocations(
+        self, headers: dict[str, str], receive: Receive, slot: int | None, request_id: str
+    ) -> tuple[Answer, bool]:
         limit = self.config.max_payload
         declared = headers.get("content-length")
         if declared is not None:
@@ -209,21 +231,44 @@ class ScoringApp:
                 break
         if self.retiring:
             return error_answer(503, "TEMPORARILY_UNAVAILABLE", "worker restarting; retry"), True
-        return await self._predict(b"".join(chunks), headers.get("content-type")), False
+        body = b"".join(chunks)
+        return await self._predict(body, headers.get("content-type"), slot, request_id), False
 
-    async def _predict(self, body: bytes, content_type: str | None) -> Answer:
-        self.metrics.busy(self.row, True)
+    async def _predict(
+        self, body: bytes, content_type: str | None, slot: int | None, request_id: str
+    ) -> Answer:
+        number = self._began(slot, request_id)
         started = time.perf_counter()
         try:
             if self._average <= INLINE_BUDGET:
                 answer = self._predict_inline(body, content_type)
             else:
-                answer = await self._predict_on_thread(body, content_type)
+                answer = await self._predict_on_thread(body, content_type, number)
         finally:
-            self.metrics.busy(self.row, False)
+            self._ended(number, slot)
         elapsed = time.perf_counter() - started
         self._average += _SMOOTHING * (elapsed - self._average)
         return answer
+
+    def _began(self, slot: int | None, request_id: str) -> int:
+        """Mark a prediction started: for the supervisor, which answers it if the worker
+        is still in it one second past the timeout."""
+        number, now = next(self._numbers), time.monotonic()
+        if not self._in_flight:
+            self.metrics.busy(self.row, now)
+        self._in_flight[number] = now
+        if slot is not None and self._lifeline is not None:
+            self._lifeline.predicting(slot, now, request_id)
+        return number
+
+    def _ended(self, number: int, slot: int | None) -> None:
+        """Unmark it, before its answer is written (or the worker answered it itself)."""
+        if slot is not None and self._lifeline is not None:
+            self._lifeline.predicted(slot)
+        del self._in_flight[number]
+        # The oldest one left is the first in the dict: they were added in time order.
+        marks = [t for t in (next(iter(self._in_flight.values()), 0.0), self._abandoned) if t]
+        self.metrics.busy(self.row, min(marks, default=0.0))
 
     def _predict_inline(self, body: bytes, content_type: str | None) -> Answer:
         signal.setitimer(signal.ITIMER_REAL, self.config.timeout)
@@ -241,12 +286,15 @@ class ScoringApp:
         if self._in_inline_prediction:  # a late alarm outside a prediction is ignored
             raise _Deadline
 
-    async def _predict_on_thread(self, body: bytes, content_type: str | None) -> Answer:
+    async def _predict_on_thread(
+        self, body: bytes, content_type: str | None, number: int
+    ) -> Answer:
         future = self._executor.submit(self.scorer.invoke, body, content_type)
         self._pending.add(future)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.config.timeout)
         except asyncio.TimeoutError:
+            self._abandoned = self._in_flight[number]
             self._retire_worker()
             return self._deadline_answer()
         except (asyncio.CancelledError, concurrent.futures.CancelledError):
@@ -259,12 +307,7 @@ class ScoringApp:
             self._pending.discard(future)
 
     def _deadline_answer(self) -> Answer:
-        return error_answer(
-            504,
-            "DEADLINE_EXCEEDED",
-            f"the prediction took longer than {self.config.timeout:g} s; "
-            "the worker is being replaced",
-        )
+        return error_answer(504, "DEADLINE_EXCEEDED", deadline_message(self.config.timeout))
 
     def _retire_worker(self) -> None:
         if self.retiring:
@@ -285,51 +328,24 @@ class ScoringApp:
         elapsed: float,
         request_id: str,
     ) -> None:
-        # Every field through printable(): a path can hold any character once decoded
-        # (%0A is a newline), and must not forge a line or drive a terminal.
-        client = printable(str((scope.get("client") or ("-", 0))[0]))
-        method, path = printable(method), printable(path[:200])
-        request_id = printable(request_id)
-        if self.config.log_format == "json":
-            access_log.info(
-                json.dumps(
-                    {
-                        "ts": time.time(),
-                        "client": client,
-                        "method": method,
-                        "path": path,
-                        "status": answer.status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "bytes": len(answer.body),
-                        "request_id": request_id,
-                        "route": answer.route,
-                        "score_ms": _milliseconds(answer.score_seconds),
-                        "model_ms": _milliseconds(answer.model_seconds),
-                        "worker": self.row,
-                    }
-                )
-            )
-        else:
-            access_log.info(
-                '%s "%s %s" %d %.2fms %dB id=%s route=%s worker=%d',
-                client,
-                method,
-                path,
-                answer.status,
-                elapsed * 1000,
-                len(answer.body),
-                request_id,
-                answer.route,
-                self.row,
-            )
+        log_access(
+            self.config.log_format,
+            client=str((scope.get("client") or ("-", 0))[0]),
+            method=method,
+            path=path,
+            status=answer.status,
+            seconds=elapsed,
+            size=len(answer.body),
+            request_id=request_id,
+            route=answer.route,
+            score_seconds=answer.score_seconds,
+            model_seconds=answer.model_seconds,
+            worker=self.row,
+        )
 
 
 class _Deadline(BaseException):
     """Raised by SIGALRM inside an inline prediction that overran the timeout."""
-
-
-def _milliseconds(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
 
 
 def _server_timing(answer: Answer) -> bytes:
@@ -388,12 +404,14 @@ _BAD_HTTP_RESPONSE = (
 
 class JsonErrorsHttpTools(GuardedConnection, HttpToolsProtocol):
     def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
+        self.writing()
         self.transport.write(_BAD_HTTP_RESPONSE)
         self.transport.close()
 
 
 class JsonErrorsH11(GuardedConnection, H11Protocol):
     def send_400_response(self, msg: str) -> None:  # noqa: ARG002 - uvicorn's text
+        self.writing()
         self.transport.write(_BAD_HTTP_RESPONSE)
         self.transport.close()
 

@@ -20,7 +20,9 @@ request its answer:
   still waiting for its request head is given a moment for it (uvicorn closes it, and
   the kernel then resets a request already on its way), and on SIGTERM a worker first
   accepts what waits in the shared listen backlog (the last process to close the socket
-  makes the kernel reset all of it).
+  makes the kernel reset all of it). And a worker that can no longer answer (stuck in C
+  code, or dead) is answered for by the supervisor: each connection is registered with it,
+  and kept described, through :class:`packager_server.takeover.Lifeline`.
 """
 
 from __future__ import annotations
@@ -48,14 +50,23 @@ _LINGER_SECONDS = 1.0
 # request sent before the signal is on its way, and arrives within a round trip.
 DRAIN_HEAD_SECONDS = 1.0
 _RECHECK_SECONDS = 0.05
+# Where a request's scope["state"] carries its connection's takeover slot.
+SLOT_KEY = "packager.slot"
 
 
-def http_response(status: str, body: bytes, *, head_only: bool = False) -> bytes:
+def http_response(
+    status: str, body: bytes, *, head_only: bool = False, request_id: str | None = None
+) -> bytes:
     """A complete ``Connection: close`` HTTP/1.1 response with a JSON body."""
-    return (
-        b"HTTP/1.1 " + status.encode() + b"\r\ncontent-type: application/json\r\n"
-        b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
-    ) + (b"" if head_only else body)
+    head = [
+        f"HTTP/1.1 {status}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+    ]
+    if request_id is not None:
+        head.append(f"x-request-id: {request_id}")
+    return "\r\n".join([*head, "", ""]).encode("latin-1") + (b"" if head_only else body)
 
 
 def _error(code: str, message: str) -> bytes:
@@ -219,15 +230,19 @@ class LoadingResponder(threading.Thread):
 if TYPE_CHECKING:
     import asyncio
 
+    from packager_server.takeover import Lifeline
+
     class _UvicornHttp(asyncio.Protocol):
         """What the mixin uses of uvicorn's HTTP protocols (httptools and h11 alike)."""
 
         transport: asyncio.Transport
         loop: asyncio.AbstractEventLoop
         cycle: Any  # the request in progress or last answered; None before the first
+        app_state: dict[str, Any]  # copied into each request's scope["state"]
 
         def __init__(self, *args: Any, **kwargs: Any) -> None: ...
         def shutdown(self) -> None: ...
+        def on_response_complete(self) -> None: ...
 
 else:
     _UvicornHttp = object
@@ -242,21 +257,42 @@ class GuardedConnection(_UvicornHttp):
     in progress, including those whose request is already in the socket, unread (the
     event loop was busy, or the connection was only just accepted): closing a socket with
     unread input makes the kernel answer with a reset.
+
+    With a ``lifeline``, it also registers the connection with the supervisor and keeps
+    its record current: a request outstanding from its first byte, a response being
+    written (the app marks it before writing, this class for its own 408 and the 400s),
+    and after each response whether another request is outstanding (pipelined, or bytes
+    that arrived meanwhile). Closing, it sends the FIN itself: the supervisor's copy of
+    the socket would hold it back.
     """
 
-    def __init__(self, *args: Any, header_timeout: float, **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, header_timeout: float, lifeline: Lifeline | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout = header_timeout
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_started = False  # part of the awaited head has arrived
         self._rechecked = False
         self._draining = False
+        self._lifeline = lifeline
+        self.slot: int | None = None  # the connection's record, when registered
+        self._more = False  # bytes arrived while a response was being written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if self._lifeline is not None:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                self.slot = self._lifeline.opened(sock.fileno())
+            if self.slot is not None:
+                self.app_state = {**self.app_state, SLOT_KEY: self.slot}
         self._await_head(self.header_timeout)
 
     def data_received(self, data: bytes) -> None:
+        line, slot = self._lifeline, self.slot
+        if line is not None and slot is not None and not line.request(slot):
+            self._more = True
         if not self._in_request():
             self._head_started = True
             if self._head_timer is None:  # the next request on a kept-alive connection
@@ -268,6 +304,22 @@ class GuardedConnection(_UvicornHttp):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
         super().connection_lost(exc)
+        if self._lifeline is not None and self.slot is not None:
+            _end_stream(self.transport)  # the supervisor's copy keeps it open otherwise
+            self._lifeline.closed(self.slot)
+            self.slot = None
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # may start the next pipelined request
+        if self._lifeline is None or self.slot is None or self.transport.is_closing():
+            return  # closing: the record stays "writing"
+        self._lifeline.settled(self.slot, outstanding=self._more or self._in_request())
+        self._more = False
+
+    def writing(self) -> None:
+        """A response is about to be written outside the app (a 408, a 400)."""
+        if self._lifeline is not None and self.slot is not None:
+            self._lifeline.writing(self.slot)
 
     def shutdown(self) -> None:
         """Called by uvicorn's shutdown (SIGTERM, or the worker retiring)."""
@@ -313,9 +365,29 @@ class GuardedConnection(_UvicornHttp):
             self._rechecked = True
             self._await_head(_RECHECK_SECONDS)
             return
+        self.writing()
         if self._head_started:
             self.transport.write(timeout_response(self.header_timeout))
         self.transport.close()
+
+
+def _end_stream(transport: asyncio.BaseTransport) -> None:
+    """Send the FIN that closing the socket would send, were it the last copy.
+
+    Called from ``connection_lost``: uvloop and asyncio close the socket right after it,
+    so the descriptor is still this connection's. uvloop's transport socket refuses
+    ``shutdown()``: a socket object is made on the descriptor, and detached from it.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.fileno() < 0:
+        return
+    ours = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
+    try:
+        ours.shutdown(socket.SHUT_WR)
+    except OSError:  # already reset, or never connected
+        pass
+    finally:
+        ours.detach()
 
 
 def _has_unread_input(transport: asyncio.BaseTransport) -> bool:

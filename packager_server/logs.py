@@ -1,7 +1,9 @@
 """The server's two logs, and why request data cannot forge lines in them.
 
 * The server log (stderr): one record per event, as text or JSON lines.
-* The access log (stdout): one line per request, written by :mod:`packager_server.app`.
+* The access log (stdout): one line per request, written by :mod:`packager_server.app`
+  (and by the supervisor for the requests it answers for a worker:
+  :mod:`packager_server.takeover`), through :func:`log_access`.
 
 Request data reaches logs through request paths and methods, and through exception
 messages that quote the input. A newline in it would start a line that looks like a
@@ -23,6 +25,7 @@ import json
 import logging
 import re
 import sys
+import time
 
 from packager_server.config import ServerConfig
 
@@ -31,6 +34,7 @@ from packager_server.config import ServerConfig
 _FIELD_UNSAFE = re.compile(r'[\x00-\x1f\x7f-\x9f\u2028\u2029"\\]')
 _LINE_UNSAFE = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f\u2028\u2029]")
 CONTINUATION = "\n    "
+access_log = logging.getLogger("packager_server.access")
 
 
 def _escape(match: re.Match[str]) -> str:
@@ -81,3 +85,61 @@ def configure_logging(config: ServerConfig) -> None:
     handler.setFormatter(logging.Formatter("%(message)s"))
     access.handlers[:] = [handler]
     access.setLevel(logging.INFO)
+
+
+def log_access(
+    log_format: str,
+    *,
+    client: str,
+    method: str,
+    path: str,
+    status: int,
+    seconds: float,
+    size: int,
+    request_id: str,
+    worker: int,
+    route: str = "-",
+    score_seconds: float | None = None,
+    model_seconds: float | None = None,
+) -> None:
+    """One access log line, as text or JSON."""
+    # Every field through printable(): a path can hold any character once decoded
+    # (%0A is a newline), and must not forge a line or drive a terminal.
+    client, method = printable(client), printable(method)
+    path, request_id = printable(path[:200]), printable(request_id)
+    if log_format == "json":
+        access_log.info(
+            json.dumps(
+                {
+                    "ts": time.time(),
+                    "client": client,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "bytes": size,
+                    "request_id": request_id,
+                    "route": route,
+                    "score_ms": _milliseconds(score_seconds),
+                    "model_ms": _milliseconds(model_seconds),
+                    "worker": worker,
+                }
+            )
+        )
+    else:
+        access_log.info(
+            '%s "%s %s" %d %.2fms %dB id=%s route=%s worker=%d',
+            client,
+            method,
+            path,
+            status,
+            seconds * 1000,
+            size,
+            request_id,
+            route,
+            worker,
+        )
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)

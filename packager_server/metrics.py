@@ -78,9 +78,10 @@ class SharedMetrics:
             if seconds <= bound:
                 cells[base + 2 + i] += 1
 
-    def busy(self, row: int, busy: bool) -> None:
-        """Mark a worker as predicting (or not), for the supervisor's watchdog."""
-        self._cells[row * _ROW_CELLS + _BUSY] = time.monotonic() if busy else 0.0
+    def busy(self, row: int, since: float) -> None:
+        """Mark a worker as predicting since ``since`` (time.monotonic; 0: not predicting),
+        for the supervisor, which answers for a worker stuck in a prediction."""
+        self._cells[row * _ROW_CELLS + _BUSY] = since
 
     def busy_for(self, row: int) -> float:
         """Seconds the worker has been in its current prediction (0 when idle)."""
@@ -91,7 +92,8 @@ class SharedMetrics:
         """Forget the per-process state of a row's worker before another takes the row.
 
         A worker killed mid-prediction (SIGKILL, OOM) never clears its busy mark; left
-        set, the watchdog would kill the idle replacement. Counters carry over.
+        set, the supervisor would take the idle replacement for a stuck one. Counters
+        carry over.
         """
         self._cells[row * _ROW_CELLS + _BUSY] = 0.0
 

@@ -6,10 +6,18 @@ Life cycle::
                   ─► load the model, warm it up with its serving example, gc.freeze()
                   ─► fork N workers (copy-on-write: they share the loaded model)
                   ─► respawn any worker that dies (crash, or retired after a timeout)
+                  ─► answer for a worker that cannot: stuck in a prediction 1 s past
+                     --timeout (C code holding the GIL): stop it, answer its requests
+                     (504 to the prediction), kill and respawn it; and for one that died
     SIGTERM/SIGINT ─► close the listening socket; workers take what waits in its
                       backlog, answer every request they accepted within
                       --graceful-timeout, and stop; then exit 0
                       (while loading: stop loading, close the socket, exit 0)
+
+Workers register every connection they accept with the supervisor, which keeps a copy of
+it: see :mod:`packager_server.takeover` for how it answers for them, and when it must not.
+The supervisor's loop therefore never sleeps long: it reads the workers' channels 20
+times a second, and schedules respawns rather than sleeping through a backoff.
 
 Exit codes: 0 after a clean shutdown, 2 for bad configuration or a busy port, 3 when the
 model cannot be loaded.
@@ -23,6 +31,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -31,11 +40,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packager_server.config import ConfigError, ServerConfig, load_config
 from packager_server.connections import LoadingResponder
-from packager_server.logs import configure_logging
+from packager_server.logs import configure_logging, log_access
+
+if TYPE_CHECKING:
+    from collections import Counter
+
+    from packager_server.takeover import ConnectionTable, Takeover
 
 log = logging.getLogger("packager_server")
 
@@ -44,9 +58,14 @@ EXIT_LOAD_FAILED = 3
 EXIT_RETIRED = 70  # a worker that stopped itself after a request timeout
 _RESTART_BACKOFF_MAX = 30.0
 _RETIRE_HARD_EXIT_SECONDS = 3.0
-# A worker still busy this long after its request timed out is stuck in code that never
-# returns to Python (no signal can reach it): the watchdog kills it.
-_WATCHDOG_GRACE_SECONDS = 10.0
+# A prediction still running this long after its timeout is stuck where its worker cannot
+# answer (C code holding the GIL, or never returning to the event loop): the worker had
+# its chance to answer the 504 itself; the supervisor answers it, and kills the worker.
+TAKEOVER_GRACE_SECONDS = 1.0
+_STOPPING_WAIT_SECONDS = 1.0  # for a SIGSTOPped worker to be reported stopped
+# The supervisor's loop: how often it reads the workers' channels, reaps and looks for
+# stuck workers.
+_TICK_SECONDS = 0.05
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # Flavors whose runtime starts thread pools when it loads (and that don't survive a fork):
 # their models are spawned without loading them here first.
@@ -67,6 +86,8 @@ class _Serving:
     metrics: Any
     info: Any
     sock: socket.socket
+    connections: ConnectionTable
+    channel: socket.socket  # the worker's end of its channel to the supervisor
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -89,8 +110,11 @@ class Supervisor:
         self.argv = list(argv)  # how a started worker (or a re-executed self) is configured
         self.mode = "fork"
         self._threads_left: dict[int, str] = {}  # thread id -> name, left by the load
-        self._metrics_fd = self._ready_read = self._ready_write = -1
+        self._metrics_fd = self._connections_fd = self._ready_read = self._ready_write = -1
         self.workers: dict[int, int] = {}  # pid -> row
+        self._births: dict[int, float] = {}  # pid -> when it was started
+        self._killed: set[int] = set()  # pids killed stuck in a prediction, not yet reaped
+        self._due: dict[int, float] = {}  # row -> when to start its next worker
         self._stopping = False
         self._stop_signal = signal.SIGTERM.value
         self._loading = False  # the signal handlers interrupt the load
@@ -105,6 +129,7 @@ class Supervisor:
                 "cannot listen on %s:%d: %s", self.config.host, self.config.port, err
             )
             return EXIT_CONFIG
+        _raise_descriptor_limit()
         # From now on SIGTERM/SIGINT stop the server; while loading, by interrupting it.
         signal.signal(signal.SIGTERM, self._on_stop)
         signal.signal(signal.SIGINT, self._on_stop)
@@ -183,6 +208,7 @@ class Supervisor:
             from packager_server.app import ServerInfo  # noqa: PLC0415
             from packager_server.metrics import SharedMetrics  # noqa: PLC0415
             from packager_server.scoring import Scorer  # noqa: PLC0415
+            from packager_server.takeover import ConnectionTable  # noqa: PLC0415
 
             scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
             _warm_up(scorer, self.config.model_dir)
@@ -192,6 +218,7 @@ class Supervisor:
             self._threads_left = {t: n for t, n in _threads().items() if t not in before}
             self.info = ServerInfo(load_seconds=time.monotonic() - started, **info)
             self.scorer, self.metrics = scorer, SharedMetrics(self.config.workers)
+            self._start_takeover(ConnectionTable(self.config.workers))
             return True
         finally:
             # A signal from here on only sets _stopping (the handler raises no more); one
@@ -207,11 +234,29 @@ class Supervisor:
         if first:
             log.info("received %s: finishing in-flight requests", signal.Signals(signum).name)
 
+    def _start_takeover(self, connections: ConnectionTable) -> None:
+        from packager_server.takeover import Takeover  # noqa: PLC0415
+
+        config = self.config
+
+        def access(**fields: Any) -> None:
+            if config.access_log:
+                log_access(config.log_format, **fields)
+
+        self.connections = connections
+        self.takeover: Takeover = Takeover(connections, self.metrics.observe, access)
+
     def _spawn(self, row: int) -> None:
         self.metrics.reset_row(row)  # the row's previous worker may have died predicting
-        if self.mode == "spawn":
-            self._start(row)
-            return
+        channel = self.takeover.connect(row)
+        try:
+            pid = self._start(row, channel) if self.mode == "spawn" else self._fork(row, channel)
+        finally:
+            channel.close()  # the worker has its own copy
+        self.workers[pid] = row
+        self._births[pid] = time.monotonic()
+
+    def _fork(self, row: int, channel: socket.socket) -> int:
         # Hold SIGTERM/SIGINT across the fork until the worker has its own handlers: one
         # arriving before would run the supervisor's handler in the worker, and be lost.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -219,45 +264,79 @@ class Supervisor:
         if pid == 0:  # the worker
             code = 1
             try:
-                shared = _Serving(self.config, self.scorer, self.metrics, self.info, self.sock)
+                self.takeover.forget()  # the supervisor's copies of connections, channels
+                shared = _Serving(
+                    self.config,
+                    self.scorer,
+                    self.metrics,
+                    self.info,
+                    self.sock,
+                    self.connections,
+                    channel,
+                )
                 code = _run_worker(shared, row)
             except BaseException:
                 log.exception("worker %d failed", row)
             finally:
                 os._exit(code)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        self.workers[pid] = row
+        return pid
 
     def _supervise(self) -> int:
-        births = dict.fromkeys(self.workers, time.monotonic())
         if self.mode == "fork":
             # Workers are serving: the supervisor is idle, so it runs MLflow's load-time
             # checks now, in its main thread (a thread here could hold a lock across a
-            # fork). Started workers run them themselves.
+            # fork). Started workers run them themselves. Meanwhile workers keep what
+            # they would tell the supervisor (takeover.Lifeline's outbox).
             check_environment(self.config.model_dir, self.scorer.model)
         while not self._stopping:
-            time.sleep(0.2)
+            self.takeover.pump(_TICK_SECONDS)
             for pid, status in _reap():
-                row = self.workers.pop(pid, None)
-                if row is None or self._stopping:
-                    continue
-                code = os.waitstatus_to_exitcode(status)
-                quick = time.monotonic() - births.pop(pid, 0.0) < 5.0
-                self._failures[row] = self._failures.get(row, 0) + 1 if quick else 0
-                why = (
-                    "retired after a request timeout"
-                    if code == EXIT_RETIRED
-                    else f"exited with {code}"
-                )
-                log.warning("worker %d (pid %d) %s; starting a new one", row, pid, why)
-                self.metrics.worker_restarted(row)
-                delay = min(_RESTART_BACKOFF_MAX, 0.5 * 2 ** self._failures[row]) if quick else 0
-                if delay:
-                    time.sleep(delay)
+                self._exited(pid, status)
+            self._rescue_stuck()  # after reaping: a dead worker's busy mark is not read
+            now = time.monotonic()
+            for row in [row for row, when in self._due.items() if when <= now]:
+                del self._due[row]
                 self._spawn(row)
-                births[next(p for p, r in self.workers.items() if r == row)] = time.monotonic()
-            self._watchdog()  # after reaping: a dead worker's busy mark is no longer read
         return self._shutdown()
+
+    def _exited(self, pid: int, status: int) -> None:
+        """A worker ended: answer what it leaves outstanding, and schedule its successor."""
+        from packager_server.takeover import Farewell  # noqa: PLC0415
+
+        row = self.workers.pop(pid, None)
+        if row is None:
+            return
+        lived = time.monotonic() - self._births.pop(pid, 0.0)
+        code = os.waitstatus_to_exitcode(status)
+        stuck = pid in self._killed
+        self._killed.discard(pid)
+        ended = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+        retry = "the server is stopping" if self._stopping else "worker restarting; retry"
+        told = self.takeover.release(row, Farewell(timeout=None, died=ended, retry=retry))
+        if told:
+            log.warning(
+                "worker %d (pid %d) %s; the supervisor answered %s for it",
+                row,
+                pid,
+                ended,
+                _tally(told),
+            )
+        if self._stopping:
+            return
+        if stuck:
+            why = "was stuck in a prediction"
+        elif code == EXIT_RETIRED:
+            why = "retired after a request timeout"
+        else:
+            why = ended
+        # A worker killed stuck is the request's doing, not a crash loop of the worker's.
+        quick = lived < 5.0 and not stuck
+        self._failures[row] = self._failures.get(row, 0) + 1 if quick else 0
+        log.warning("worker %d (pid %d) %s; starting a new one", row, pid, why)
+        self.metrics.worker_restarted(row)
+        delay = min(_RESTART_BACKOFF_MAX, 0.5 * 2 ** self._failures[row]) if quick else 0
+        self._due[row] = time.monotonic() + delay
 
     # -- spawn mode ---------------------------------------------------------------------
 
@@ -293,9 +372,12 @@ class Supervisor:
         """Spawn mode: each worker is a new interpreter that loads the model itself; the
         responder answers probes until the first of them serves."""
         from packager_server.metrics import SharedMetrics  # noqa: PLC0415
+        from packager_server.takeover import ConnectionTable  # noqa: PLC0415
 
         self.sock = sock
         self.metrics, self._metrics_fd = SharedMetrics.in_memfd(self.config.workers)
+        connections, self._connections_fd = ConnectionTable.in_memfd(self.config.workers)
+        self._start_takeover(connections)
         self._ready_read, self._ready_write = os.pipe()
         os.set_inheritable(self._ready_write, True)
         os.set_blocking(self._ready_read, False)
@@ -311,34 +393,39 @@ class Supervisor:
         while not self._stopping and not self._a_worker_serves():
             time.sleep(0.05)
             for pid, status in _reap():
-                self.workers.pop(pid, None)
+                if pid in self.workers:
+                    self.takeover.drop(self.workers.pop(pid))  # it never had a connection
                 code = os.waitstatus_to_exitcode(status)
                 log.error("a worker exited with %d before serving", code)
                 if code == EXIT_LOAD_FAILED or not self.workers:
                     responder.stop(shutting_down=True)
+                    self._stopping = True
                     self._stop_workers()
                     return EXIT_LOAD_FAILED
         responder.stop(shutting_down=self._stopping)
         return self._supervise()
 
-    def _start(self, row: int) -> None:
+    def _start(self, row: int, channel: socket.socket) -> int:
         """A worker as a new interpreter (no fork of this process), given the listening
-        socket, the metrics block and the ready pipe as inherited descriptors."""
+        socket, the metrics block, the connection table, its channel and the ready pipe
+        as inherited descriptors."""
+        channel.set_inheritable(True)
         spec = {
             "row": row,
             "listen_fd": self.sock.fileno(),
             "metrics_fd": self._metrics_fd,
+            "connections_fd": self._connections_fd,
+            "channel_fd": channel.fileno(),
             "ready_fd": self._ready_write,
         }
         env = {**os.environ, _WORKER_ENV: json.dumps(spec), "PACKAGER_SERVING_MODE": "spawn"}
-        pid = os.posix_spawn(
+        return os.posix_spawn(
             sys.executable,
             [sys.executable, "-m", "packager_server", *self.argv],
             env,
             setsigmask=(),
             setsigdef=tuple(_STOP_SIGNALS),
         )
-        self.workers[pid] = row
 
     def _a_worker_serves(self) -> bool:
         try:
@@ -346,19 +433,66 @@ class Supervisor:
         except BlockingIOError:
             return False
 
-    def _watchdog(self) -> None:
-        limit = self.config.timeout + _WATCHDOG_GRACE_SECONDS
+    def _rescue_stuck(self) -> None:
+        """Answer for each worker stuck in a prediction past --timeout + the grace, and
+        kill it (its successor is started when it is reaped)."""
+        from packager_server.takeover import Farewell  # noqa: PLC0415
+
+        limit = self.config.timeout + TAKEOVER_GRACE_SECONDS
         for pid, row in list(self.workers.items()):
-            if self.metrics.busy_for(row) > limit:
-                log.error(
-                    "worker %d (pid %d) has been predicting for over %.0fs; killing it",
-                    row,
-                    pid,
-                    limit,
-                )
-                self.metrics.reset_row(row)
+            if pid in self._killed or self.metrics.busy_for(row) <= limit:
+                continue
+            if not self._stop(pid):
+                continue  # it ended meanwhile, and was reaped
+            busy = self.metrics.busy_for(row)
+            if busy <= limit:  # its prediction ended before it stopped: let it answer
                 with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+                    os.kill(pid, signal.SIGCONT)
+                continue
+            # Killed before anything is written: a stopped process never runs again.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._killed.add(pid)
+            farewell = Farewell(
+                timeout=self.config.timeout, retry="worker restarting after a timeout; retry"
+            )
+            told = self.takeover.release(row, farewell)
+            self.metrics.reset_row(row)
+            log.error(
+                "worker %d (pid %d) has been predicting for over %.1fs (--timeout %g), in "
+                "code that holds the GIL or never returns to its event loop; the supervisor "
+                "answered %s for it and killed it",
+                row,
+                pid,
+                busy,
+                self.config.timeout,
+                _tally(told),
+            )
+
+    def _stop(self, pid: int) -> bool:
+        """SIGSTOP a worker and wait until it has stopped; False if it ended meanwhile.
+
+        Stopped, it cannot write a byte or change a record: what the supervisor reads
+        then is final, with no lock between the two processes."""
+        try:
+            os.kill(pid, signal.SIGSTOP)
+        except ProcessLookupError:
+            return False
+        deadline = time.monotonic() + _STOPPING_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                got, status = os.waitpid(pid, os.WNOHANG | os.WUNTRACED)
+            except ChildProcessError:
+                return False
+            if got == pid:
+                if os.WIFSTOPPED(status):
+                    return True
+                self._exited(pid, status)
+                return False
+            time.sleep(0.001)
+        # Not reported stopped: it is in the kernel (uninterruptible), running no code of
+        # its own; it stops on its way out.
+        return True
 
     def _shutdown(self) -> int:
         self.sock.close()  # new connections are refused from now on
@@ -372,13 +506,20 @@ class Supervisor:
                 os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + self.config.graceful_timeout + 5
         while self.workers and time.monotonic() < deadline:
-            for pid, _ in _reap():
-                self.workers.pop(pid, None)
-            time.sleep(0.05)
+            self.takeover.pump(0.05)
+            for pid, status in _reap():
+                self._exited(pid, status)
+            self._rescue_stuck()  # a prediction stuck past its deadline still gets a 504
         for pid in list(self.workers):
             log.warning("worker pid %d did not stop in time; killing it", pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while self.workers and time.monotonic() < deadline:  # answer for the killed ones
+            for pid, status in _reap():
+                self._exited(pid, status)
+            self.takeover.pump(0.02)
+        self.takeover.finish(1.0)
 
 
 class _Interrupted(BaseException):
@@ -387,6 +528,19 @@ class _Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signal_name = signal.Signals(signum).name
+
+
+def _tally(told: Counter[int]) -> str:
+    return ", ".join(f"{count} x {status}" for status, count in sorted(told.items())) or "nothing"
+
+
+def _raise_descriptor_limit() -> None:
+    """The supervisor holds a copy of each worker's connections: allow it as many open
+    files as the hard limit allows (often 1024 by default, for one process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _reap() -> list[tuple[int, int]]:
@@ -407,11 +561,15 @@ def run_started_worker(config: ServerConfig, spec: dict[str, int]) -> int:
     from packager_server.app import ServerInfo  # noqa: PLC0415
     from packager_server.metrics import SharedMetrics  # noqa: PLC0415
     from packager_server.scoring import Scorer  # noqa: PLC0415
+    from packager_server.takeover import ConnectionTable  # noqa: PLC0415
 
     row = int(spec["row"])
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # stopped while loading: quietly
     sock = socket.socket(fileno=int(spec["listen_fd"]))
     metrics = SharedMetrics(config.workers, int(spec["metrics_fd"]))
+    connections = ConnectionTable(config.workers, int(spec["connections_fd"]))
+    os.close(int(spec["connections_fd"]))  # mapped; not for the model's subprocesses
+    channel = socket.socket(fileno=int(spec["channel_fd"]))
     started = time.monotonic()
     try:
         model, info = load_model(config)
@@ -427,7 +585,7 @@ def run_started_worker(config: ServerConfig, spec: dict[str, int]) -> int:
         threading.Thread(
             target=check_environment, args=(config.model_dir, model), daemon=True
         ).start()
-    return _run_worker(_Serving(config, scorer, metrics, served, sock), row)
+    return _run_worker(_Serving(config, scorer, metrics, served, sock, connections, channel), row)
 
 
 def _run_worker(supervisor: _Serving, row: int) -> int:
@@ -439,8 +597,10 @@ def _run_worker(supervisor: _Serving, row: int) -> int:
         JsonErrorsHttpTools,
         ScoringApp,
     )
+    from packager_server.takeover import Lifeline  # noqa: PLC0415
 
     config = supervisor.config
+    lifeline = Lifeline(supervisor.channel, supervisor.connections, row)
     # uvicorn re-raises the signal it caught once it has shut down; end quietly then.
     signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     signal.signal(signal.SIGINT, lambda *_: os._exit(0))
@@ -461,6 +621,7 @@ def _run_worker(supervisor: _Serving, row: int) -> int:
         row=row,
         info=supervisor.info,
         retire=retire,
+        lifeline=lifeline,
     )
     try:
         import httptools  # noqa: F401, PLC0415 - the faster parser, when installed
@@ -468,7 +629,7 @@ def _run_worker(supervisor: _Serving, row: int) -> int:
         protocol: type[JsonErrorsHttpTools | JsonErrorsH11] = JsonErrorsHttpTools
     except ImportError:
         protocol = JsonErrorsH11
-    http: Any = functools.partial(protocol, header_timeout=config.header_timeout)
+    http: Any = functools.partial(protocol, header_timeout=config.header_timeout, lifeline=lifeline)
     try:
         import uvloop  # noqa: F401, PLC0415
 

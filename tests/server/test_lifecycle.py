@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import ServerProcess, run_server
+from packager_server.supervisor import TAKEOVER_GRACE_SECONDS
+from tests.server.conftest import Response, ServerProcess, run_server
 
 pytestmark = pytest.mark.slow
 
 ONE_ROW = {"dataframe_split": {"columns": ["x"], "data": [[1.5]]}}
-WATCHDOG_GRACE = 10.0  # supervisor._WATCHDOG_GRACE_SECONDS: the watchdog's margin
 
 
 def _workers(server: ServerProcess) -> list[int]:
@@ -45,7 +45,7 @@ def _get(url: str) -> int:
         return int(err.code)
 
 
-def test_a_killed_busy_worker_is_replaced_by_one_the_watchdog_leaves_alone(
+def test_a_killed_busy_worker_is_answered_for_and_replaced_by_one_left_alone(
     server_models: Path, tmp_path: Path
 ) -> None:
     timeout = 2.0
@@ -73,16 +73,22 @@ def test_a_killed_busy_worker_is_replaced_by_one_the_watchdog_leaves_alone(
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
         client.join(timeout=30)
-        assert "error" in outcome, outcome  # the kill hit the prediction
+        # The kill hit the prediction: the supervisor answers it (a 500: a retry could
+        # kill the next worker the same way), rather than the connection dropping.
+        answer = outcome.get("answer")
+        assert isinstance(answer, Response), outcome
+        assert answer.status == 500, answer.body
+        assert answer.json()["error_code"] == "INTERNAL_ERROR"
+        assert "was killed by SIGKILL" in answer.json()["message"]
 
         deadline = time.monotonic() + 30
         while _workers(server) in ([], [victim]):
             assert time.monotonic() < deadline, server.stderr()
             time.sleep(0.05)
         [replacement] = _workers(server)
-        # The watchdog kills a worker busy for timeout + grace. The replacement stays idle
-        # (a prediction of its own would clear a stale busy mark) for twice that.
-        until = killed_at + 2 * (timeout + WATCHDOG_GRACE)
+        # The supervisor stops a worker busy for timeout + grace. The replacement stays
+        # idle (a prediction of its own would clear a stale busy mark) for twice that.
+        until = killed_at + 2 * (timeout + TAKEOVER_GRACE_SECONDS)
         while time.monotonic() < until:
             assert _workers(server) == [replacement], server.stderr()
             assert _get(f"{server.url}/live") == 200

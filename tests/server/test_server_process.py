@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import shutil
 import socket
@@ -93,15 +92,20 @@ def test_timeout_answers_504_and_replaces_the_worker(server_models: Path, tmp_pa
     assert "retired after a request timeout" in server.stderr()
 
 
-def test_watchdog_kills_a_worker_stuck_in_c_code(server_models: Path, tmp_path: Path) -> None:
-    """SIGALRM cannot interrupt C code that never returns; the supervisor kills the worker."""
+def test_a_worker_stuck_in_c_code_is_answered_for_and_replaced(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """SIGALRM cannot interrupt C code that never returns (this one releases the GIL; see
+    test_takeover.py for code that holds it): the supervisor answers the 504 and replaces
+    the worker."""
     with run_server(
         server_models / "sleepy", tmp_path, "--workers", "1", "--timeout", "1"
     ) as server:
         started = time.monotonic()
-        with pytest.raises((ConnectionError, http.client.RemoteDisconnected)):
-            server.invoke({**ONE_ROW, "params": {"hang": True}}, timeout=60)
-        assert time.monotonic() - started < 40
+        stuck = server.invoke({**ONE_ROW, "params": {"hang": True}}, timeout=60)
+        assert stuck.status == 504
+        assert stuck.json()["error_code"] == "DEADLINE_EXCEEDED"
+        assert time.monotonic() - started < 10
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
