@@ -67,9 +67,17 @@ _STOPPING_WAIT_SECONDS = 1.0  # for a SIGSTOPped worker to be reported stopped
 # stuck workers.
 _TICK_SECONDS = 0.05
 _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+# The forked probe's deadline: 20 times the warm-up prediction, within these bounds (s).
+_PROBE_DEADLINE_MIN = 3.0
+_PROBE_DEADLINE_MAX = 30.0
+# Spawn mode: how many times the first worker may die (not a load error) before serving.
+_FIRST_WORKER_TRIES = 3
 # Flavors whose runtime starts thread pools when it loads (and that don't survive a fork):
-# their models are spawned without loading them here first.
-FORK_UNSAFE_FLAVORS = frozenset({"tensorflow", "keras"})
+# their models are spawned without loading them here first. TensorFlow's hang every
+# forked prediction; XGBoost's OpenMP (libgomp) pool hangs the forked probe
+# (benchmarks/flavor_bench.py shows each flavor's mode). Other flavors are decided by
+# evidence after loading.
+FORK_UNSAFE_FLAVORS = frozenset({"tensorflow", "keras", "xgboost"})
 # How a started worker learns its row and inherited descriptors (JSON), and how a
 # supervisor that re-executes itself in spawn mode keeps its listening socket and reason.
 _WORKER_ENV = "PACKAGER_SERVER_WORKER"
@@ -111,6 +119,8 @@ class Supervisor:
         self.mode = "fork"
         self._threads_left: dict[int, str] = {}  # thread id -> name, left by the load
         self._metrics_fd = self._connections_fd = self._ready_read = self._ready_write = -1
+        self._go_read = self._go_write = -1
+        self._warm_seconds = 0.0
         self.workers: dict[int, int] = {}  # pid -> row
         self._births: dict[int, float] = {}  # pid -> when it was started
         self._killed: set[int] = set()  # pids killed stuck in a prediction, not yet reaped
@@ -148,14 +158,22 @@ class Supervisor:
             return 0
         if loaded and not self._stopping and self._threads_left:
             names = ", ".join(sorted(set(self._threads_left.values())))
-            why = (
-                f"loading the model left {len(self._threads_left)} thread(s) running "
-                f"({names}): a forked worker could wait forever on a lock one of them held"
-            )
-            if self.config.serving_mode == "auto":
-                responder.stop()
-                self._respawn_in_spawn_mode(sock, why)  # does not return
-            log.warning("forking anyway (--serving-mode fork): %s", why)
+            left = f"loading the model left {len(self._threads_left)} thread(s) running ({names})"
+            if self.config.serving_mode == "fork":
+                log.warning("forking anyway (--serving-mode fork): %s", left)
+            else:
+                # Many runtimes' threads survive a fork (OpenBLAS and onnxruntime shut their
+                # pools down around it); others hang the child (TensorFlow, libgomp). Ask a
+                # forked child to predict, with a deadline, rather than guess by thread.
+                failed = _forked_probe(self.scorer, self.config.model_dir, self._warm_seconds)
+                if failed is not None and not self._stopping:
+                    responder.stop()
+                    why = f"{left}, and {failed}: forked workers could hang"
+                    self._respawn_in_spawn_mode(sock, why)  # does not return
+                if failed is None:
+                    log.info(
+                        "%s; a forked child answered the serving example: forking is safe", left
+                    )
         responder.stop(shutting_down=not loaded or self._stopping)
         if not loaded:
             return EXIT_LOAD_FAILED
@@ -211,7 +229,9 @@ class Supervisor:
             from packager_server.takeover import ConnectionTable  # noqa: PLC0415
 
             scorer = Scorer(model, fast_path=self.config.fast_path, debug=self.config.debug)
+            warm_started = time.monotonic()
             _warm_up(scorer, self.config.model_dir)
+            self._warm_seconds = time.monotonic() - warm_started
             # Evidence for --serving-mode auto: threads the loader and the first prediction
             # started (OpenMP, CUDA, a framework's pools) are gone in a forked worker, and
             # any lock one of them held stays held there.
@@ -381,15 +401,24 @@ class Supervisor:
         self._ready_read, self._ready_write = os.pipe()
         os.set_inheritable(self._ready_write, True)
         os.set_blocking(self._ready_read, False)
+        # Workers wait on this pipe between loading and accepting, until the supervisor
+        # closes its end: the loading responder accepts on the same socket, and a request
+        # it took after a worker answered /ready would get 503 "loading".
+        self._go_read, self._go_write = os.pipe()
+        os.set_inheritable(self._go_read, True)
         log.info(
-            "serving mode spawn: %s; starting %d worker(s) on %s:%d, each loading the model",
+            "serving mode spawn: %s; starting %d worker(s) on %s:%d, each loading the model "
+            "(the first alone, the others once it serves)",
             reason,
             self.config.workers,
             self.config.host,
             self.config.port,
         )
-        for row in range(self.config.workers):
-            self._spawn(row)
+        # One worker first: N interpreters loading at once on fewer cores each take about
+        # N/cores times as long, and the server would answer nothing until one is done.
+        # The first serves after one load; the others load while it does.
+        self._spawn(0)
+        tries = 1
         while not self._stopping and not self._a_worker_serves():
             time.sleep(0.05)
             for pid, status in _reap():
@@ -397,12 +426,19 @@ class Supervisor:
                     self.takeover.drop(self.workers.pop(pid))  # it never had a connection
                 code = os.waitstatus_to_exitcode(status)
                 log.error("a worker exited with %d before serving", code)
+                if code != EXIT_LOAD_FAILED and tries < _FIRST_WORKER_TRIES:
+                    tries += 1  # killed while loading (the OOM killer?): once more
+                    self._spawn(0)
                 if code == EXIT_LOAD_FAILED or not self.workers:
                     responder.stop(shutting_down=True)
                     self._stopping = True
                     self._stop_workers()
                     return EXIT_LOAD_FAILED
         responder.stop(shutting_down=self._stopping)
+        os.close(self._go_write)  # every worker, now and later, may accept
+        if not self._stopping:
+            for row in range(1, self.config.workers):
+                self._spawn(row)
         return self._supervise()
 
     def _start(self, row: int, channel: socket.socket) -> int:
@@ -417,6 +453,7 @@ class Supervisor:
             "connections_fd": self._connections_fd,
             "channel_fd": channel.fileno(),
             "ready_fd": self._ready_write,
+            "go_fd": self._go_read,
         }
         env = {**os.environ, _WORKER_ENV: json.dumps(spec), "PACKAGER_SERVING_MODE": "spawn"}
         return os.posix_spawn(
@@ -581,6 +618,9 @@ def run_started_worker(config: ServerConfig, spec: dict[str, int]) -> int:
     served = ServerInfo(load_seconds=time.monotonic() - started, serving_mode="spawn", **info)
     os.write(int(spec["ready_fd"]), bytes([row % 256]))
     os.close(int(spec["ready_fd"]))
+    os.read(int(spec["go_fd"]), 1)  # end of file once the loading responder has stopped
+    os.close(int(spec["go_fd"]))
+    log.info("worker %d loaded the model in %.2fs; serving", row, served.load_seconds)
     if row == 0:  # no fork follows in this process: a thread is safe here
         threading.Thread(
             target=check_environment, args=(config.model_dir, model), daemon=True
@@ -725,6 +765,35 @@ def _warm_up(scorer: Any, model_dir: Path) -> None:
         return
     answer = scorer.invoke(example.read_bytes(), "application/json")
     log.info("warm-up prediction on the serving example: %d (%s path)", answer.status, answer.route)
+
+
+def _forked_probe(scorer: Any, model_dir: Path, warm_seconds: float) -> str | None:
+    """Fork a child that predicts the serving example; None if it answered in time, else
+    what went wrong. A child that hangs is killed after a deadline far above the time the
+    same prediction took here."""
+    example = model_dir / "serving_input_example.json"
+    if not example.is_file():
+        return "there is no serving example to try a forked prediction with"
+    body = example.read_bytes()
+    deadline = min(_PROBE_DEADLINE_MAX, max(_PROBE_DEADLINE_MIN, 20 * warm_seconds))
+    pid = os.fork()
+    if pid == 0:  # the child: predict, nothing else (no logging, no sockets), and leave
+        code = 1
+        try:
+            code = 0 if scorer.invoke(body, "application/json").status == 200 else 1
+        finally:
+            os._exit(code)
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            code = os.waitstatus_to_exitcode(status)
+            return None if code == 0 else f"a forked child's prediction failed ({code})"
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    return f"a forked child's prediction did not end within {deadline:.1f}s"
 
 
 def _threads() -> dict[int, str]:

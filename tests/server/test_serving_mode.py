@@ -39,7 +39,25 @@ def test_a_model_whose_loader_leaves_threads_is_spawned(
         assert server.process.wait(timeout=60) == 0
     log = (tmp_path / "stderr.log").read_text()
     assert "serving mode spawn: loading the model left 1 thread(s) running" in log
+    assert "a forked child's prediction did not end within" in log
     assert "restarting without the loaded model" in log
+
+
+def test_a_model_whose_threads_survive_a_fork_is_forked(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """A thread left by the load is not enough to pay for N loads: a forked child that
+    predicts the serving example in time shows that forking is safe."""
+    with run_server(server_models / "idling", tmp_path, "--workers", "2") as server:
+        for _ in range(20):
+            answer = server.invoke(ROW)
+            assert answer.status == 200, answer.body
+            assert answer.json() == {"predictions": [2.0]}
+        assert _mode(server.request("GET", "/metrics").body.decode()) == "fork"
+    log = (tmp_path / "stderr.log").read_text()
+    assert "left 1 thread(s) running" in log
+    assert "a forked child answered the serving example: forking is safe" in log
+    assert "serving mode spawn" not in log
 
 
 def test_a_model_whose_loader_leaves_no_threads_is_forked(
