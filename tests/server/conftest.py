@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import FIXTURES, ROOT, free_port, unavailable, wait_for_http
+from tests.conftest import FIXTURES, ROOT, MlflowServer, free_port, unavailable, wait_for_http
 
 
 @pytest.fixture(scope="session")
@@ -166,11 +166,13 @@ def flavor_python() -> Path:
 
 
 class FlavorModels:
-    """Saves the models of tests/fixtures/flavor_models.py on first use, once per session."""
+    """Logs the models of tests/fixtures/flavor_models.py on first use, once per session,
+    through a real ``mlflow server`` (registered there, then downloaded from it)."""
 
-    def __init__(self, python: Path, out: Path) -> None:
+    def __init__(self, python: Path, out: Path, tracking_uri: str) -> None:
         self.python = python
         self.out = out
+        self.tracking_uri = tracking_uri
 
     def __call__(self, name: str) -> Path:
         path = self.out / name
@@ -182,11 +184,16 @@ class FlavorModels:
             text=True,
             timeout=FLAVOR_MODEL_DEADLINE,
             check=False,
-            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"},
+            env={
+                **os.environ,
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "HF_HUB_OFFLINE": "1",
+                "FLAVOR_MODELS_TRACKING_URI": self.tracking_uri,
+            },
         )
         if result.returncode != 0:
             pytest.fail(
-                f"saving the {name} model failed:\n{result.stdout[-2000:]}\n"
+                f"logging the {name} model failed:\n{result.stdout[-2000:]}\n"
                 f"{result.stderr[-5000:]}",
                 pytrace=False,
             )
@@ -194,6 +201,8 @@ class FlavorModels:
 
 
 @pytest.fixture(scope="session")
-def flavor_models(flavor_python: Path, tmp_path_factory: pytest.TempPathFactory) -> FlavorModels:
-    """``flavor_models(name)``: the directory of one saved flavor model."""
-    return FlavorModels(flavor_python, tmp_path_factory.mktemp("flavor-models"))
+def flavor_models(
+    flavor_python: Path, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+) -> FlavorModels:
+    """``flavor_models(name)``: the directory of one flavor model, as the registry gives it."""
+    return FlavorModels(flavor_python, tmp_path_factory.mktemp("flavor-models"), mlflow_server.uri)

@@ -27,9 +27,12 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,3 +313,57 @@ def test_same_answers_as_mlflow(
     with both_servers(flavor_python, model_dir, tmp_path) as (theirs, ours):
         differences = compare(requests_for(model_dir), theirs, ours)
     assert differences == []
+
+
+KERAS_REQUESTS = 1000
+KERAS_CLIENTS = 4
+
+
+@pytest.mark.parametrize("name", ["keras-tf", "keras"])
+def test_keras_two_workers_answer_a_thousand_requests(
+    name: str, flavor_python: Path, flavor_models: FlavorModels, tmp_path: Path
+) -> None:
+    """Keras on TensorFlow served by two workers: every one of 1,000 requests from four
+    concurrent clients gets the model's answer (a forked TensorFlow worker hangs on the
+    first; each request here has a client deadline), and the server says it spawned."""
+    model_dir = flavor_models(name)
+    command = [
+        str(flavor_python), "-m", "packager_server", "--model-dir", str(model_dir),
+        "--host", "127.0.0.1", "--workers", "2", "--graceful-timeout", "5",
+        "--no-access-log", "--port",
+    ]  # fmt: skip
+    bodies = [
+        _body({"inputs": [[(i % 7) * 0.5, 1.0, (i % 3) - 1.0, 0.25]]})
+        for i in range(KERAS_REQUESTS)
+    ]
+    with serving("ours", command, flavor_python, tmp_path) as (process, server):
+        wait_for_http(f"http://127.0.0.1:{server.port}/ready", READY_DEADLINE, process, server.log)
+        reference = {body: server.post(JSON, body) for body in set(bodies[:21])}
+        assert all(a.status == 200 for a in reference.values()), reference
+
+        def client(share: list[bytes]) -> list[tuple[bytes, Answer]]:
+            return [(body, server.post(JSON, body)) for body in share]
+
+        with ThreadPoolExecutor(KERAS_CLIENTS) as pool:
+            shares = [bodies[i::KERAS_CLIENTS] for i in range(KERAS_CLIENTS)]
+            answers = [pair for result in pool.map(client, shares) for pair in result]
+        metrics = urllib.request.urlopen(
+            f"http://127.0.0.1:{server.port}/metrics", timeout=REQUEST_TIMEOUT
+        ).read()
+        log = server.log.read_text()
+    assert len(answers) == KERAS_REQUESTS
+    failed = [(a.status, a.body[:200]) for _, a in answers if a.status != 200]
+    assert failed == [], failed[:5]
+    # Same rows, same predictions, whichever worker answered.
+    wrong = [body for body, a in answers if a.json() != reference[body].json()]
+    assert wrong == [], wrong[:3]
+    assert b'mode="spawn"' in metrics, metrics.decode()[-2000:]
+    assert "serving mode spawn" in log, log[-3000:]
+    # No worker was replaced on the way (a hung one would be, after --timeout), and the
+    # server counted every prediction as answered.
+    assert re.search(rb"packager_worker_restarts_total\{[^}]*\} 0\n", metrics), metrics
+    counted = re.search(
+        rb'packager_requests_total\{[^}]*path="/invocations",status="200"\} (\d+)', metrics
+    )
+    assert counted, metrics
+    assert int(counted.group(1)) == KERAS_REQUESTS + len(reference), metrics
