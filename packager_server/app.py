@@ -11,7 +11,14 @@ path               method  answer
 /live, /livez      GET     200 whenever the process runs, even while loading
 /version           GET     the MLflow version, as MLflow answers it
 /metrics           GET     Prometheus text format
+/v2/...            both    the Open Inference Protocol (:mod:`packager_server.v2`)
+/execution-        GET     SageMaker batch transform's defaults
+parameters
 =================  ======  ==============================================================
+
+Vertex AI's ``AIP_HEALTH_ROUTE`` and ``AIP_PREDICT_ROUTE``, and the batch transform bodies
+of ``/invocations``, are :mod:`packager_server.platforms`'. None of them costs MLflow's
+``/invocations`` anything but one comparison of its content type.
 
 Where predictions run: a fast model (recent average under ``INLINE_BUDGET``) is called
 right on the event loop, because handing each request to a thread costs ~0.5 ms (measured
@@ -56,12 +63,15 @@ try:
 except ImportError:  # httptools is optional; workers then use JsonErrorsH11
     HttpToolsProtocol = H11Protocol  # type: ignore[misc,assignment]
 
+from packager_server import __version__, platforms
 from packager_server.config import ServerConfig
 from packager_server.connections import SLOT_KEY, GuardedConnection
 from packager_server.logs import log_access
 from packager_server.metrics import SharedMetrics
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
 from packager_server.takeover import Lifeline, deadline_message
+from packager_server.v2 import OpenInference
+from packager_server.v2 import error as v2_error
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +81,14 @@ Send = Callable[[dict[str, Any]], Any]
 
 INLINE_BUDGET = 0.05  # seconds
 _SMOOTHING = 0.2  # weight of the newest prediction in the running average
-_PROBES = {"/ping", "/health", "/ready", "/readyz"}
-_LIVE = {"/live", "/livez"}
+_PROBES = {"/ping", "/health", "/ready", "/readyz", "/v2/health/ready"}
+_LIVE = {"/live", "/livez", "/v2/health/live"}
+_V2_MODELS = "/v2/models/"
 _MAX_REQUEST_ID = 128
 _MAX_BACKLOG = 4096  # connections a stopping worker takes from the listen backlog
 _NO_ENDPOINT = (
     "no such endpoint; this server answers /invocations, /ping, /health, /ready, /live, "
-    "/version and /metrics"
+    "/version, /metrics and /v2 (the Open Inference Protocol)"
 )
 
 
@@ -127,6 +138,7 @@ class ScoringApp:
         self.retiring = False
         self._average = 0.0  # recent prediction time, seconds
         self._in_inline_prediction = False
+        self._v2: OpenInference | None = None  # built on first use
         signal.signal(signal.SIGALRM, self._on_alarm)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -142,6 +154,11 @@ class ScoringApp:
         slot: int | None = scope.get("state", {}).get(SLOT_KEY)
         if path == "/invocations" and method == "POST":
             answer, close = await self._invocations(headers, receive, slot, request_id)
+        elif method == "POST" and (invoke := self._post_route(path)) is not None:
+            if isinstance(invoke, Answer):  # a 404 for another model: the body is not read
+                answer, close = invoke, True
+            else:
+                answer, close = await self._invocations(headers, receive, slot, request_id, invoke)
         else:
             answer, close = await self._route(path, method)
         response_headers = [
@@ -154,7 +171,7 @@ class ScoringApp:
         if close:
             response_headers.append((b"connection", b"close"))
         if answer.status == 405:
-            allowed = b"POST" if path == "/invocations" else b"GET, HEAD"
+            allowed = b"POST" if path == "/invocations" or path.endswith("/infer") else b"GET, HEAD"
             response_headers.append((b"allow", allowed))
         # Count the request before answering it: a client that reads /metrics right after
         # its answer (perhaps from another worker) must already see it.
@@ -176,12 +193,37 @@ class ScoringApp:
                 request_id=request_id,
             )
 
+    @property
+    def v2(self) -> OpenInference:
+        if self._v2 is None:
+            self._v2 = OpenInference(
+                self.scorer, name=self.info.model_name, version=self.info.model_version
+            )
+        return self._v2
+
+    def _post_route(self, path: str) -> platforms.Invoke | Answer | None:
+        """The handler of a POST to ``path`` other than ``/invocations`` (an answer when
+        the path names another model; ``None`` when no POST goes there)."""
+        if path == self.config.predict_route:
+            return platforms.vertex_invoker(self.scorer)
+        if path.startswith(_V2_MODELS):
+            action, problem = self.v2.target(path)
+            if problem is not None:
+                return problem
+            if action == "infer":
+                return self.v2.invoker()
+        return None
+
     async def _route(self, path: str, method: str) -> tuple[Answer, bool]:
-        """Everything but ``POST /invocations``."""
+        """Everything but the POSTs that predict."""
         if path == "/invocations":
             return error_answer(405, "BAD_REQUEST", "use POST for /invocations"), False
+        if path == self.config.health_route:
+            path = "/ready"  # Vertex AI's health route
+        if path.startswith(_V2_MODELS):
+            return self._v2_route(path, method), False
         if method not in ("GET", "HEAD"):
-            known = path in _PROBES | _LIVE | {"/version", "/metrics"}
+            known = path in _PROBES | _LIVE | {"/version", "/metrics", "/v2"}
             if known:
                 return error_answer(405, "BAD_REQUEST", f"use GET for {path}"), False
         if path in _PROBES:
@@ -192,6 +234,12 @@ class ScoringApp:
             return Answer(status=200, body=b'{"status": "alive"}'), False
         if path == "/version":
             return Answer(status=200, body=self.info.mlflow_version.encode()), False
+        if path == "/v2":
+            return self.v2.server_metadata(__version__), False
+        if path == "/execution-parameters":
+            return platforms.execution_parameters(
+                workers=self.config.workers, max_payload=self.config.max_payload
+            ), False
         if path == "/metrics":
             body = self.metrics.render(
                 self._labels,
@@ -205,8 +253,27 @@ class ScoringApp:
         # The path is not echoed: an answer (or a log line) never carries request data.
         return error_answer(404, "RESOURCE_DOES_NOT_EXIST", _NO_ENDPOINT), False
 
+    def _v2_route(self, path: str, method: str) -> Answer:
+        action, problem = self.v2.target(path)
+        if problem is not None:
+            return problem
+        if action == "infer":
+            return v2_error(405, "BAD_REQUEST", "use POST for inference")
+        if method not in ("GET", "HEAD"):
+            return v2_error(405, "BAD_REQUEST", "use GET for model metadata and readiness")
+        if action == "ready":
+            if self.retiring:
+                return v2_error(503, "TEMPORARILY_UNAVAILABLE", "worker restarting")
+            return Answer(status=200, body=b"")
+        return self.v2.metadata()
+
     async def _invocations(
-        self, headers: dict[str, str], receive: Receive, slot: int | None, request_id: str
+        self,
+        headers: dict[str, str],
+        receive: Receive,
+        slot: int | None,
+        request_id: str,
+        invoke: platforms.Invoke | None = None,
     ) -> tuple[Answer, bool]:
         limit = self.config.max_payload
         declared = headers.get("content-length")
@@ -232,18 +299,31 @@ class ScoringApp:
         if self.retiring:
             return error_answer(503, "TEMPORARILY_UNAVAILABLE", "worker restarting; retry"), True
         body = b"".join(chunks)
-        return await self._predict(body, headers.get("content-type"), slot, request_id), False
+        content_type = headers.get("content-type")
+        if invoke is None:
+            invoke = self.scorer.invoke
+            # Batch transform's bodies (SageMaker); MLflow's JSON passes one comparison.
+            if content_type and content_type != JSON:
+                kind = platforms.batch_format(content_type)
+                if kind is not None:
+                    invoke = platforms.batch_invoker(self.scorer, kind, headers.get("accept"))
+        return await self._predict(body, content_type, slot, request_id, invoke), False
 
     async def _predict(
-        self, body: bytes, content_type: str | None, slot: int | None, request_id: str
+        self,
+        body: bytes,
+        content_type: str | None,
+        slot: int | None,
+        request_id: str,
+        invoke: platforms.Invoke,
     ) -> Answer:
         number = self._began(slot, request_id)
         started = time.perf_counter()
         try:
             if self._average <= INLINE_BUDGET:
-                answer = self._predict_inline(body, content_type)
+                answer = self._predict_inline(invoke, body, content_type)
             else:
-                answer = await self._predict_on_thread(body, content_type, number)
+                answer = await self._predict_on_thread(invoke, body, content_type, number)
         finally:
             self._ended(number, slot)
         elapsed = time.perf_counter() - started
@@ -270,11 +350,13 @@ class ScoringApp:
         marks = [t for t in (next(iter(self._in_flight.values()), 0.0), self._abandoned) if t]
         self.metrics.busy(self.row, min(marks, default=0.0))
 
-    def _predict_inline(self, body: bytes, content_type: str | None) -> Answer:
+    def _predict_inline(
+        self, invoke: platforms.Invoke, body: bytes, content_type: str | None
+    ) -> Answer:
         signal.setitimer(signal.ITIMER_REAL, self.config.timeout)
         self._in_inline_prediction = True
         try:
-            return self.scorer.invoke(body, content_type)
+            return invoke(body, content_type)
         except _Deadline:
             self._retire_worker()
             return self._deadline_answer()
@@ -287,9 +369,9 @@ class ScoringApp:
             raise _Deadline
 
     async def _predict_on_thread(
-        self, body: bytes, content_type: str | None, number: int
+        self, invoke: platforms.Invoke, body: bytes, content_type: str | None, number: int
     ) -> Answer:
-        future = self._executor.submit(self.scorer.invoke, body, content_type)
+        future = self._executor.submit(invoke, body, content_type)
         self._pending.add(future)
         try:
             return await asyncio.wait_for(asyncio.wrap_future(future), timeout=self.config.timeout)

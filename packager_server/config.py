@@ -5,10 +5,14 @@ flag                       environment (first set wins)                default
 =========================  ==========================================  ==================
 ``--model-dir``            PACKAGER_MODEL_DIR                          (required)
 ``--host``                 PACKAGER_HOST                               0.0.0.0
-``--port``                 PACKAGER_PORT, PORT                         8080 (SageMaker's)
-``--workers``              PACKAGER_WORKERS, MLFLOW_MODELS_WORKERS     container CPU limit
+``--port``                 SAGEMAKER_BIND_TO_PORT, AIP_HTTP_PORT,      8080 (SageMaker's)
+                           PORT, PACKAGER_PORT
+``--workers``              PACKAGER_WORKERS, MLFLOW_MODELS_WORKERS,    container CPU limit
+                           SAGEMAKER_MODEL_SERVER_WORKERS
 ``--timeout``              PACKAGER_TIMEOUT,                           120 s (Databricks)
-                           MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+                           MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT,
+                           SAGEMAKER_MODEL_SERVER_TIMEOUT
+(none)                     AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE         (Vertex AI routes off)
 ``--max-payload``          PACKAGER_MAX_PAYLOAD (bytes)                16 MiB (Databricks)
 ``--graceful-timeout``     PACKAGER_GRACEFUL_TIMEOUT                   30 s
 ``--header-timeout``       PACKAGER_HEADER_TIMEOUT                     5 s
@@ -20,6 +24,11 @@ flag                       environment (first set wins)                default
 ``--model-version``        PACKAGER_MODEL_VERSION                      registered_model_meta
 ``--serving-mode``         PACKAGER_SERVING_MODE (auto|fork|spawn)     auto
 =========================  ==========================================  ==================
+
+The port: the platforms' variables come before ``PACKAGER_PORT`` (which images set to
+8080), because each names the port its platform sends traffic to, and a server listening
+on any other gets none; only ``--port`` overrides them. See
+:mod:`packager_server.platforms`, which also describes the ``serve`` argument (SageMaker).
 
 ``--serving-mode``: ``fork`` loads the model once and forks the workers from it (they
 share its memory); ``spawn`` starts each worker as a fresh interpreter that loads the
@@ -56,6 +65,11 @@ DEFAULT_MAX_PAYLOAD = 16 * 1024 * 1024
 DEFAULT_GRACEFUL_TIMEOUT = 30.0
 DEFAULT_HEADER_TIMEOUT = 5.0
 SERVING_MODES = ("auto", "fork", "spawn")
+# The platforms' variables, in the order they are consulted (see platforms.py).
+PORT_VARIABLES = ("SAGEMAKER_BIND_TO_PORT", "AIP_HTTP_PORT", "PORT", "PACKAGER_PORT")
+WORKERS_VARIABLES = ("SAGEMAKER_MODEL_SERVER_WORKERS",)
+TIMEOUT_VARIABLES = ("SAGEMAKER_MODEL_SERVER_TIMEOUT",)
+_MAX_ROUTE = 1024  # Vertex AI's routes embed endpoint and model ids: well under this
 
 
 class ConfigError(ValueError):
@@ -79,6 +93,9 @@ class ServerConfig:
     model_name: str | None = None
     model_version: str | None = None
     serving_mode: Literal["auto", "fork", "spawn"] = "auto"
+    # Vertex AI's routes (AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE), when set: see platforms.py.
+    health_route: str | None = None
+    predict_route: str | None = None
 
 
 def _env(env: Mapping[str, str], *names: str) -> str | None:
@@ -118,6 +135,12 @@ def parser() -> argparse.ArgumentParser:
         description="Serve an MLflow pyfunc model with MLflow's scoring protocol.",
         epilog="Every flag also has an environment variable; see the module docstring of "
         "packager_server.config or the README.",
+    )
+    p.add_argument(
+        "command",
+        nargs="?",
+        choices=["serve"],
+        help="SageMaker starts containers with 'serve'; the server needs no command",
     )
     p.add_argument("--model-dir", type=Path, help="the model directory (holds MLmodel)")
     p.add_argument("--host")
@@ -160,12 +183,16 @@ def load_config(
     model_dir = args.model_dir or (Path(v) if (v := _env(env, "PACKAGER_MODEL_DIR")) else None)
     if model_dir is None:
         raise ConfigError("no model: pass --model-dir or set PACKAGER_MODEL_DIR")
-    port = args.port or _number(_env(env, "PACKAGER_PORT", "PORT"), "port", int) or 8080
+    port = args.port or _number(_env(env, *PORT_VARIABLES), "port", int) or 8080
     if not 0 < port < 65536:
         raise ConfigError(f"port: {port} is not a TCP port")
     workers = (
         args.workers
-        or _number(_env(env, "PACKAGER_WORKERS", "MLFLOW_MODELS_WORKERS"), "workers", int)
+        or _number(
+            _env(env, "PACKAGER_WORKERS", "MLFLOW_MODELS_WORKERS", *WORKERS_VARIABLES),
+            "workers",
+            int,
+        )
         or available_cpus()
     )
     log_format = args.log_format or _env(env, "PACKAGER_LOG_FORMAT") or "text"
@@ -179,7 +206,12 @@ def load_config(
         timeout=float(
             args.timeout
             or _number(
-                _env(env, "PACKAGER_TIMEOUT", "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT"),
+                _env(
+                    env,
+                    "PACKAGER_TIMEOUT",
+                    "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT",
+                    *TIMEOUT_VARIABLES,
+                ),
                 "timeout",
                 float,
             )
@@ -203,6 +235,8 @@ def load_config(
         model_name=args.model_name or _env(env, "PACKAGER_MODEL_NAME"),
         model_version=args.model_version or _env(env, "PACKAGER_MODEL_VERSION"),
         serving_mode=_serving_mode(args.serving_mode, env),
+        health_route=_route(env, "AIP_HEALTH_ROUTE"),
+        predict_route=_route(env, "AIP_PREDICT_ROUTE"),
     )
 
 
@@ -211,6 +245,25 @@ def _serving_mode(flag: str | None, env: Mapping[str, str]) -> Literal["auto", "
     if value not in SERVING_MODES:
         raise ConfigError(f"PACKAGER_SERVING_MODE={value!r}: expected auto, fork or spawn")
     return value  # type: ignore[return-value]
+
+
+def _route(env: Mapping[str, str], name: str) -> str | None:
+    """A Vertex AI route from ``name``; refused unless it is a plain absolute path."""
+    value = _env(env, name)
+    if value is None:
+        return None
+    if (
+        not value.startswith("/")
+        or len(value) > _MAX_ROUTE
+        or not value.isascii()
+        or not value.isprintable()
+        or any(c in value for c in " ?#")
+    ):
+        raise ConfigError(
+            f"{name}: expected an absolute path (/...) of at most {_MAX_ROUTE} printable "
+            "ASCII characters, without spaces, query or fragment"
+        )
+    return value
 
 
 def _header_timeout(flag: float | None, env: Mapping[str, str]) -> float:

@@ -100,7 +100,7 @@ class LoadingResponder(threading.Thread):
     open, idle or slow. ``/live`` and ``/livez`` get 200, anything else 503 (not ready).
     """
 
-    _LIVE = (b"/live", b"/livez")
+    _LIVE = (b"/live", b"/livez", b"/v2/health/live")
 
     def __init__(
         self,
