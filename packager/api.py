@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from packager.cache import ModelCache, default_cache_root
+from packager.env.conda import conda_part
+from packager.env.condapkgs import CondaPackages, fetch_conda_packages
 from packager.env.inputs import IndexOptions, LockInputs, build_inputs
 from packager.env.resolve import LockResult, lock, make_resolver
 from packager.env.target import Target
@@ -149,6 +151,7 @@ class LockOptions:
     download: bool = False  # also fill the wheelhouse
     mlflow_skinny: bool = False  # swap mlflow for mlflow-skinny where verified
     ignore_conda: bool = False  # lock the pip requirements of a model that needs conda
+    conda_channels: tuple[str, ...] = ()  # replace conda.yaml's channels (may carry credentials)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -158,6 +161,7 @@ class LockReport:
     inputs: LockInputs
     result: LockResult
     wheelhouse: Wheelhouse | None
+    conda_packages: CondaPackages | None = None  # with download, for a lock with a conda part
 
 
 def lock_model(
@@ -181,28 +185,38 @@ def lock_model(
         ref = parse_reference(reference, cwd=cwd or Path.cwd())
         sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
     spec = read_spec(sourced.path, sourced.files)
+    root = cache_root or default_cache_root()
+    # Conda packages first: the Python they bring is the one the pip part is locked for.
+    conda = None
     if spec.conda is not None and spec.conda.needs_conda and not lock_options.ignore_conda:
-        raise UnsupportedRequirementError(
-            "the model's conda.yaml needs conda packages ("
-            + ", ".join(spec.conda.conda_packages)
-            + "), and packager does not lock conda packages yet; an image built from the pip "
-            "requirements alone would lack them",
-            hint="install them as system packages in the image instead and pass "
-            "--ignore-conda, or log the model with pip-only requirements",
+        conda = conda_part(
+            spec.conda,
+            lock_options.platform,
+            channels=lock_options.conda_channels,
+            python=lock_options.python,
+            lock_file=lock_options.lock_file,
+            cache_root=root,
         )
-    target = Target.make(lock_options.python or spec.python_version, lock_options.platform)
+    python = lock_options.python or (conda.python if conda else None) or spec.python_version
+    target = Target.make(python, lock_options.platform)
     inputs = build_inputs(
         spec, target, lock_options.index, REQUIREMENTS, mlflow_skinny=lock_options.mlflow_skinny
     )
-    root = cache_root or default_cache_root()
     result = lock(
         inputs,
         make_resolver(lock_options.resolver),
         cache_root=root,
         lock_file=lock_options.lock_file,
     )
+    if conda is not None:
+        result = replace(result, lock=replace(result.lock, conda=conda))
     wheelhouse = (
         build_wheelhouse(result.lock, inputs, cache_root=root) if lock_options.download else None
+    )
+    conda_packages = (
+        fetch_conda_packages(conda, channels=lock_options.conda_channels, cache_root=root)
+        if conda is not None and lock_options.download
+        else None
     )
     return LockReport(
         provenance=sourced.provenance,
@@ -210,7 +224,23 @@ def lock_model(
         inputs=inputs,
         result=result,
         wheelhouse=wheelhouse,
+        conda_packages=conda_packages,
     )
+
+
+def _refuse_conda_image(report: LockReport) -> None:
+    """Until images install conda packages (issue 15's image half), a model that has them
+    is locked but not built: an image without them would fail where the model needs them."""
+    conda = report.result.lock.conda
+    if conda is not None:
+        raise UnsupportedRequirementError(
+            f"the model's conda.yaml needs {len(conda.packages)} conda packages (locked: "
+            + ", ".join(p.name for p in conda.packages[:5])
+            + "), and images with conda packages cannot be built yet",
+            hint="pass --ignore-conda to build from the pip requirements alone (installing "
+            "what the conda packages provided as --system-package), or log the model with "
+            "pip-only requirements",
+        )
 
 
 def _warnings(spec: ModelSpec) -> tuple[str, ...]:
@@ -242,7 +272,7 @@ def _warnings(spec: ModelSpec) -> tuple[str, ...]:
         found.append(
             "conda.yaml needs conda packages ("
             + ", ".join(spec.conda.conda_packages[:5])
-            + "); the image will need conda-lock and micromamba"
+            + "); `packager lock` solves them with py-rattler for the image's platform"
         )
     if spec.needs_skops:
         found.append("the model is serialized with skops: `skops` must be installed to load it")
@@ -329,6 +359,7 @@ def generate_context(
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
+    _refuse_conda_image(report)
     base_image = image.base_for(report.spec)
     plan = plan_context(
         report.spec,
@@ -556,6 +587,7 @@ def build_oci_image(
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
+    _refuse_conda_image(report)
     lock_ = report.result.lock
     plan = plan_context(
         report.spec,

@@ -13,6 +13,9 @@ which input required it::
         --hash=sha256:…
         # via the model's requirements.txt
 
+A model whose conda.yaml has conda packages adds a conda part after the pip part: a
+conda-lock file in ``#| `` comment lines (``condalock.py`` says why inside, not beside).
+
 Index URLs are kept without credentials. Local wheels (a model's ``wheels/``, a
 ``--wheel-dir``) are locked by name, version and hash; the wheelhouse finds them again.
 """
@@ -29,6 +32,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from packager.env.condalock import CondaLock, parse_block
 from packager.env.target import Target
 from packager.errors import LockError
 from packager.redact import redact_uri
@@ -55,6 +59,7 @@ class Lock:
     index_url: str | None
     extra_index_urls: tuple[str, ...]
     packages: tuple[LockedPackage, ...]
+    conda: CondaLock | None = None  # the conda packages, when the model has any
 
     def render(self) -> str:
         lines = [
@@ -78,6 +83,8 @@ class Lock:
                 end = " \\" if i < len(package.hashes) - 1 else ""
                 lines.append(f"    --hash={digest}{end}")
             lines += [f"    # via {via}" for via in package.via]
+        if self.conda is not None:
+            lines += self.conda.render_block()
         return "\n".join(lines) + "\n"
 
     @property
@@ -118,6 +125,7 @@ def parse_lock(text: str, *, source: str = "lock") -> Lock:
         index_url=index_url,
         extra_index_urls=tuple(extras),
         packages=packages_from(text, source=source),
+        conda=parse_block(lines, source=source),
     )
 
 

@@ -334,15 +334,17 @@ def test_conda_packages_are_refused_not_silently_dropped(
         {
             "requirements.txt": "six==1.17.0\n",
             "conda.yaml": (
-                "channels: [conda-forge]\ndependencies:\n- python=3.11.7\n- libgomp=13.2\n"
-                "- pip:\n  - six==1.17.0\n"
+                # A channel nothing answers at: conda packages are solved (see
+                # test_conda_lock.py), and a channel that fails is an error, not a skip.
+                "channels: ['http://127.0.0.1:9/conda-forge']\ndependencies:\n"
+                "- python=3.11.7\n- libgomp=13.2\n- pip:\n  - six==1.17.0\n"
             ),
         },
     )
     code, out, _ = lock_json(capsys, str(model))
-    assert code == 14
-    assert "libgomp=13.2" in out["error"]["message"]
-    assert "--ignore-conda" in out["error"]["hint"]
+    assert code == 15
+    assert "the conda channel http://127.0.0.1:9/conda-forge" in out["error"]["message"]
+    assert "--conda-channel" in out["error"]["hint"]
     code, out, _ = lock_json(capsys, str(model), "--ignore-conda")
     assert code == 0, out
     # A conda.yaml with only python and pip packages is the pip path: no refusal.
