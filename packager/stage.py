@@ -58,11 +58,8 @@ USER_ID = 10001
 MAX_LABEL_LENGTH = 2048
 # One definition for both backends (the Dockerfile and the OCI config).
 ENTRYPOINT = ("python", "-m", "packager_server")
-HEALTHCHECK = (
-    "python",
-    "-c",
-    f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{PORT}/ready', timeout=2)",
-)
+# The port as the server picks it (PORT, AIP_HTTP_PORT, ... before PACKAGER_PORT).
+HEALTHCHECK = ("python", "-m", "packager_server.health")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -137,6 +137,12 @@ def test_port_variable_is_where_it_serves(server_models: Path, tmp_path: Path) -
     with platform_server(server_models / "sleepy", tmp_path, [], env, port) as server:
         one_row = {"dataframe_split": {"columns": ["x"], "data": [[1.5]]}}
         assert server.invoke(one_row).json() == {"predictions": [3.0]}
+        # The image's HEALTHCHECK command probes the port the server chose, not 8080.
+        health = [sys.executable, "-m", "packager_server.health"]
+        checked = subprocess.run(health, env={**os.environ, **env}, check=False, timeout=30)
+        assert checked.returncode == 0
+        elsewhere = {**os.environ, **env, "PORT": str(free_port())}
+        assert subprocess.run(health, env=elsewhere, check=False, timeout=30).returncode == 1
 
 
 # -- Vertex AI custom containers ---------------------------------------------------------
