@@ -19,6 +19,8 @@ from typing import Any
 
 from packager import __version__, api, publish
 from packager.cache import ModelCache
+from packager.deploy import inputs as deploy_inputs
+from packager.deploy import manifests
 from packager.env.inputs import IndexOptions
 from packager.errors import ALL_ERRORS, PackagerError, UsageError
 from packager.image.base import DEFAULT_MIRROR, build_base
@@ -149,6 +151,13 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also download every wheel into the cache (the wheelhouse)",
     )
+    lock.add_argument(
+        "--conda-lock",
+        type=Path,
+        metavar="FILE",
+        help="also write the lock's conda part here as a conda-lock file (conda-lock install "
+        "reads it)",
+    )
     lock.set_defaults(handler=_lock)
 
     _add_image_commands(commands, common, registry, locking)
@@ -179,6 +188,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: text)",
     )
     serve.set_defaults(handler=_serve)
+    _add_manifests_command(commands, common, registry)
     return parser
 
 
@@ -237,6 +247,14 @@ def _lock_parser() -> argparse.ArgumentParser:
         "--ignore-conda",
         action="store_true",
         help="lock only the pip requirements of a model whose conda.yaml has conda packages",
+    )
+    locking.add_argument(
+        "--conda-channel",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="conda channel to solve conda.yaml's packages against, instead of the channels it "
+        "names (credentials allowed, never written); repeatable, in priority order",
     )
     locking.add_argument(
         "--mlflow-skinny",
@@ -394,6 +412,7 @@ def _add_image_commands(
     )
     push_parser.add_argument("image", metavar="IMAGE", help=_IMAGE_HELP)
     push_parser.set_defaults(handler=_push)
+    _add_release_command(commands, [common, registry, locking, image_parent])
 
     base = commands.add_parser(
         "base",
@@ -453,6 +472,10 @@ def _lock(args: argparse.Namespace) -> int:
     text = result.lock.render()
     if args.output:
         _write_atomically(args.output, text)
+    if args.conda_lock:
+        if result.lock.conda is None:
+            raise UsageError("--conda-lock: this lock has no conda part (the model needs none)")
+        _write_atomically(args.conda_lock, result.lock.conda.text)
     how = (
         "verified"
         if result.from_file
@@ -478,6 +501,7 @@ def _lock(args: argparse.Namespace) -> int:
                 "cached": result.cached,
                 "seconds": round(result.seconds, 3),
                 "packages": to_jsonable(result.lock.packages),
+                "conda": to_jsonable(result.lock.conda),
                 "wheelhouse": None
                 if wheelhouse is None
                 else {
@@ -512,6 +536,7 @@ def _lock_options(args: argparse.Namespace) -> api.LockOptions:
         lock_file=args.lock_file,
         mlflow_skinny=args.mlflow_skinny,
         ignore_conda=args.ignore_conda,
+        conda_channels=tuple(args.conda_channel),
         index=IndexOptions.from_environment(
             index_url=args.index_url,
             extra_index_urls=tuple(args.extra_index_url),
@@ -712,6 +737,149 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_release_command(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
+    release = commands.add_parser(
+        "release",
+        parents=parents,
+        help="lock, build, test, push and record a model version in one step",
+        description="Release registered model versions: lock, build (oci by default, no "
+        "engine needed), test (when a Docker engine answers), push to every -t, then record "
+        "in the MLflow registry the version tags packager.image (REPO@sha256:...), "
+        "packager.lock_digest, packager.base_digest and packager.version, and move --alias "
+        "last. A failed test pushes nothing. A version whose recorded image is in the "
+        "registry with the same lock, base and packager is 'already released' (exit 0). "
+        "Several models run one after another; one failure does not stop the others, and "
+        "the exit code is the first failure's.",
+        epilog="examples:\n  packager release models:/wine/3 -t registry.example.com/wine:3 "
+        "--alias champion\n"
+        "  packager release models:/a/3 models:/b@candidate -t 127.0.0.1:5000/models --json\n"
+        "  packager release --from models.txt -t registry.example.com/models --no-test\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    release.add_argument("models", metavar="MODEL", nargs="*", help=_MODEL_HELP)
+    release.add_argument(
+        "--from",
+        dest="from_file",
+        type=Path,
+        metavar="FILE",
+        help="read model references from FILE, one a line (# starts a comment)",
+    )
+    release.add_argument(
+        "-t",
+        "--tag",
+        dest="tags",
+        action="append",
+        default=[],
+        required=True,
+        metavar="REGISTRY/REPO[:TAG]",
+        help="where to push; repeatable (the first is recorded). Without :TAG, several "
+        "models are told apart by a tag NAME-VERSION",
+    )
+    release.add_argument("--backend", choices=("oci", "docker"), default="oci")
+    release.add_argument("--no-test", dest="test", action="store_false", help="skip the test")
+    release.add_argument("--alias", metavar="NAME", help="move this alias to the version")
+    release.add_argument("--force", action="store_true", help="release even if already released")
+    release.add_argument(
+        "--attestations-dir",
+        type=Path,
+        metavar="DIR",
+        help="also write the SBOM and provenance here (sha256-<hex>.sbom.json, .att.json)",
+    )
+    release.add_argument(
+        "--no-attestations",
+        dest="attestations",
+        action="store_false",
+        help="push no SBOM and provenance (by default both are pushed, tagged "
+        "sha256-<hex>.sbom and sha256-<hex>.att, with the image as their subject)",
+    )
+    release.set_defaults(handler=_release)
+    attestations = commands.add_parser(
+        "attestations",
+        parents=[parents[0]],
+        help="fetch and check the SBOM and provenance pushed next to an image",
+        description="Fetch the artifacts tagged sha256-<hex>.sbom and sha256-<hex>.att next "
+        "to IMAGE (as `packager release` pushes them) and check them: each names the image "
+        "as its subject, and the model and lock they describe are those the image's labels "
+        "name. Exit 20 when they disagree.",
+        epilog="example:\n  packager attestations registry.example.com/wine@sha256:... -o att/\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    attestations.add_argument("image", metavar="REGISTRY/REPO@sha256:DIGEST")
+    attestations.add_argument("-o", "--output", type=Path, metavar="DIR", help="write them here")
+    attestations.set_defaults(handler=_attestations)
+
+
+def _release(args: argparse.Namespace) -> int:
+    from packager import release  # noqa: PLC0415 - only this command needs it
+
+    references = list(args.models)
+    if args.from_file is not None:
+        try:
+            lines = args.from_file.read_text().splitlines()
+        except OSError as err:
+            raise UsageError(f"cannot read --from {args.from_file}: {err.strerror}") from err
+        references += [ln.split("#", 1)[0].strip() for ln in lines if ln.split("#", 1)[0].strip()]
+    if not references:
+        raise UsageError("no model to release", hint="name models, or pass --from FILE")
+    tagged = [t for t in args.tags if release.has_tag(t)]
+    if len(references) > 1 and tagged:
+        raise UsageError(
+            f"{len(references)} models would all be pushed to {tagged[0]}",
+            hint="give -t REGISTRY/REPO without :TAG: each model gets the tag NAME-VERSION",
+        )
+    source = _source(args)
+    results = release.release_models(
+        tuple(references),
+        release.ReleaseOptions(
+            tags=tuple(args.tags),
+            image=_image_options(args),
+            backend=args.backend,
+            test=args.test,
+            alias=args.alias,
+            force=args.force,
+            attestations=args.attestations,
+            attestations_dir=args.attestations_dir,
+        ),
+        registry=source["options"],
+        cache=source["cache"],
+        cache_root=args.cache_dir,
+        progress=source["progress"],
+    )
+    failed = [r for r in results if isinstance(r, release.Failure)]
+    if args.json:
+        _print_json(
+            {
+                "releases": [to_jsonable(r) for r in results if not isinstance(r, release.Failure)],
+                "failed": [to_jsonable(r) for r in failed],
+            }
+        )
+    else:
+        for result in results:
+            if isinstance(result, release.Failure):
+                sys.stdout.write(f"{result.model}: FAILED ({result.exit_code}) {result.error}\n")
+            else:
+                tested = "tested" if result.tested else f"not tested: {result.test_skipped}"
+                if result.status == "already released":
+                    tested = "nothing to do"
+                sys.stdout.write(f"{result.model}: {result.status} {result.image} ({tested})\n")
+    return failed[0].exit_code if failed else 0
+
+
+def _attestations(args: argparse.Namespace) -> int:
+    from packager import release  # noqa: PLC0415 - only this command needs it
+
+    checked = release.check_attestations(args.image, args.output)
+    if args.json:
+        _print_json(to_jsonable(checked) | {"verified": checked.verified})
+    else:
+        for kind, reference in checked.attestations.items():
+            sys.stdout.write(f"{kind}: {reference}\n")
+        for problem in checked.problems:
+            sys.stdout.write(f"MISMATCH: {problem}\n")
+        sys.stdout.write("verified\n" if checked.verified else "NOT verified\n")
+    return 0 if checked.verified else 20
+
+
 def _base_build(args: argparse.Namespace) -> int:
     base = build_base(args.python, args.tag, mirror=args.mirror, rebuild=args.rebuild)
     if args.json:
@@ -745,6 +913,115 @@ def _serve(args: argparse.Namespace) -> int:
     # Replace this process: signals (SIGTERM, Ctrl-C) and the exit code are the server's.
     os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
     return 0  # pragma: no cover - execv does not return
+
+
+def _add_manifests_command(
+    commands: Any, common: argparse.ArgumentParser, registry: argparse.ArgumentParser
+) -> None:
+    manifests_parser = commands.add_parser(
+        "manifests",
+        parents=[common, registry],
+        help="write Kubernetes (or KServe) manifests for a pushed image",
+        description="Pin IMAGE by the digest its registry serves and write, into DIR, a "
+        "Deployment (probes on /livez and /readyz, a startup probe sized from the measured "
+        "start-up, memory from the measured use, non-root with the image's uid, read-only "
+        "root file system, no capabilities, RuntimeDefault seccomp, a grace period that "
+        "covers the server's drain), a Service, a HorizontalPodAutoscaler, a "
+        "PodDisruptionBudget and a kustomization.yaml; or with --format kserve a KServe "
+        "InferenceService. The measurements come from `packager test IMAGE --json` "
+        "(--from-test) or flags. The YAML is sorted, so the same inputs give the same files.",
+        epilog="examples:\n  packager test registry.example.com/wine:3 --json > test.json\n"
+        "  packager manifests registry.example.com/wine:3 --from-test test.json -o deploy/\n"
+        "  packager manifests registry.example.com/wine@sha256:... --startup-seconds 8 "
+        "--memory 600Mi --cpu 2 -o deploy/ --format kserve\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    manifests_parser.add_argument(
+        "image", metavar="IMAGE", help="REGISTRY/REPO:TAG or REGISTRY/REPO@sha256:DIGEST"
+    )
+    manifests_parser.add_argument(
+        "--model", help="also check the image was built from this model (its content digest)"
+    )
+    manifests_parser.add_argument(
+        "-o", "--output", type=Path, required=True, metavar="DIR", help="write the files here"
+    )
+    manifests_parser.add_argument(
+        "--force", action="store_true", help="replace what a non-empty DIR holds"
+    )
+    manifests_parser.add_argument(
+        "--format",
+        choices=("kubernetes", "kserve"),
+        default="kubernetes",
+        help="kubernetes: Deployment, Service, HPA, PDB (default); kserve: an InferenceService",
+    )
+    manifests_parser.add_argument(
+        "--from-test", type=Path, metavar="REPORT", help="a `packager test --json` report"
+    )
+    manifests_parser.add_argument(
+        "--startup-seconds",
+        type=float,
+        metavar="S",
+        help="measured seconds from start to ready (the startup probe allows 3x, at least 30)",
+    )
+    manifests_parser.add_argument(
+        "--memory", help="measured memory use (600Mi, 2Gi); the limit adds 50%% headroom"
+    )
+    manifests_parser.add_argument(
+        "--cpu", default="1", help="CPU request and limit (1, 1.5, 500m); the workers follow it"
+    )
+    manifests_parser.add_argument(
+        "--replicas",
+        type=int,
+        metavar="N",
+        help="the Deployment's replicas (default: none, the autoscaler's --min-replicas)",
+    )
+    manifests_parser.add_argument(
+        "--min-replicas", type=int, default=2, metavar="N", help="autoscaling floor (default 2)"
+    )
+    manifests_parser.add_argument(
+        "--max-replicas", type=int, default=5, metavar="N", help="autoscaling ceiling (default 5)"
+    )
+    manifests_parser.add_argument(
+        "--name", help="the resources' name, a DNS label (default: from the model's name)"
+    )
+    manifests_parser.add_argument("--namespace", help="set on every resource and in kustomize")
+    manifests_parser.set_defaults(handler=_manifests)
+
+
+def _manifests(args: argparse.Namespace) -> int:
+    image = deploy_inputs.read_image(args.image)
+    measured = deploy_inputs.measurements(
+        image, report=args.from_test, startup_seconds=args.startup_seconds, memory=args.memory
+    )
+    if args.model:
+        digest = api.inspect_model(args.model, **_source(args)).provenance.content_digest
+        deploy_inputs.check_built_from(image, args.model, digest)
+    written = manifests.write_manifests(
+        image,
+        measured,
+        manifests.ManifestOptions(
+            format=args.format,
+            name=args.name,
+            namespace=args.namespace,
+            cpu=args.cpu,
+            replicas=args.replicas,
+            min_replicas=args.min_replicas,
+            max_replicas=args.max_replicas,
+        ),
+        args.output,
+        force=args.force,
+    )
+    if args.json:
+        _print_json(to_jsonable(written))
+    else:
+        sizing = written.sizing
+        sys.stdout.write(
+            f"{written.image}: {', '.join(written.files)} in {written.directory}\n"
+            f"memory {sizing.memory}, cpu {sizing.cpu} ({sizing.workers} workers), startup "
+            f"budget {sizing.startup_budget_seconds}s, grace period "
+            f"{sizing.termination_grace_period_seconds}s\n"
+        )
+    return 0
 
 
 def _source(args: argparse.Namespace) -> dict[str, Any]:

@@ -198,6 +198,12 @@ class ForeignImageError(PackagerError):
     exit_code = 24
 
 
+class RecordError(PackagerError):
+    """The model registry refused to record a release (the image was pushed already)."""
+
+    exit_code = 25
+
+
 ALL_ERRORS: tuple[type[PackagerError], ...] = (
     UsageError,
     ModelNotFoundError,
@@ -222,4 +228,5 @@ ALL_ERRORS: tuple[type[PackagerError], ...] = (
     IndexAuthError,
     ImageNotFoundError,
     ForeignImageError,
+    RecordError,
 )

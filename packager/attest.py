@@ -1,0 +1,268 @@
+"""Supply-chain attestations of a released image: a CycloneDX SBOM and an in-toto
+Statement with an SLSA Provenance v1 predicate.
+
+Both are plain data computed from what the build already knows (the wheelhouse that was
+installed into ``/opt/venv``, the base's dpkg status, the model's provenance, the lock and
+base digests); nothing here reads the clock or draws random numbers, so the same release
+gives byte-identical attestations (the SBOM's serial number is derived from the image
+digest, its timestamp is the image's epoch). Pushing them is :mod:`packager.publish`'s.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cyclonedx.model import HashAlgorithm, HashType, Property
+from cyclonedx.model.bom import Bom, BomMetaData
+from cyclonedx.model.component import Component, ComponentType
+from cyclonedx.output.json import JsonV1Dot6
+from packageurl import PackageURL
+
+from packager import __version__
+from packager.env.wheelhouse import WheelFile
+from packager.source import Provenance
+from packager.stage import LOCK_DIGEST_LABEL
+from packager_server import __version__ as server_version
+
+SBOM_MEDIA_TYPE = "application/vnd.cyclonedx+json"
+PROVENANCE_MEDIA_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "urn:packager:release:v1"
+BUILDER_ID = "urn:packager:builder"
+# A fixed namespace for the SBOM's serial number (uuid5 of the image digest).
+_SERIAL_NAMESPACE = uuid.UUID("6f1c3f0e-4a8e-5b7c-9d2a-0c1b2a3d4e5f")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DebianPackage:
+    name: str
+    version: str
+    architecture: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class ImageFacts:
+    """What both attestations describe."""
+
+    repository: str  # REGISTRY/REPO
+    digest: str  # the image manifest's sha256:…
+    epoch: int  # the image's timestamp (from the model version)
+    provenance: Provenance
+    model_uri: str  # models:/NAME/VERSION
+    lock_digest: str
+    base_reference: str
+    base_digest: str
+    wheels: tuple[WheelFile, ...]
+    debian: tuple[DebianPackage, ...]
+
+
+def dpkg_packages(status: str) -> tuple[DebianPackage, ...]:
+    """The installed packages of a dpkg ``status`` file (``Status: install ok installed``),
+    sorted by name and architecture."""
+    found = []
+    for paragraph in status.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in paragraph.splitlines():
+            if line and not line[0].isspace() and ":" in line:
+                key, _, value = line.partition(":")
+                fields[key] = value.strip()
+        if fields.get("Status", "").endswith(" installed") and "Package" in fields:
+            found.append(
+                DebianPackage(
+                    name=fields["Package"],
+                    version=fields.get("Version", ""),
+                    architecture=fields.get("Architecture", ""),
+                )
+            )
+    return tuple(sorted(found, key=lambda p: (p.name, p.architecture)))
+
+
+def sbom(facts: ImageFacts) -> bytes:
+    """The image's CycloneDX 1.6 JSON SBOM."""
+    image = Component(
+        type=ComponentType.CONTAINER,
+        name=facts.repository,
+        version=facts.digest,
+        bom_ref=f"image:{facts.digest}",
+        hashes=[_sha256(facts.digest)],
+    )
+    components = [
+        _model(facts),
+        Component(
+            type=ComponentType.APPLICATION,
+            name="packager_server",
+            version=server_version,
+            bom_ref="packager_server",
+            description="the scoring server packager ships into the image",
+        ),
+        *(_wheel(w) for w in facts.wheels),
+        *(_debian(p) for p in facts.debian),
+    ]
+    bom = Bom(
+        serial_number=uuid.uuid5(_SERIAL_NAMESPACE, facts.digest),
+        metadata=BomMetaData(
+            component=image,
+            timestamp=dt.datetime.fromtimestamp(facts.epoch, tz=dt.timezone.utc),
+        ),
+        components=components,
+    )
+    bom.register_dependency(image, components)  # the image holds them all
+    return _compact(JsonV1Dot6(bom).output_as_string())
+
+
+def provenance_statement(facts: ImageFacts) -> bytes:
+    """An in-toto Statement v1 whose predicate is SLSA Provenance v1."""
+    statement = {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": facts.repository, "digest": _digest_set(facts.digest)}],
+        "predicateType": SLSA_PROVENANCE,
+        "predicate": {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": {
+                    "model": facts.model_uri,
+                    "modelName": facts.provenance.model_name,
+                    "modelVersion": facts.provenance.model_version,
+                    "baseImage": facts.base_reference,
+                },
+                "resolvedDependencies": [
+                    {
+                        "uri": facts.model_uri,
+                        "name": "model",
+                        "digest": _digest_set(facts.provenance.content_digest),
+                    },
+                    {"name": "lock", "digest": _digest_set(facts.lock_digest)},
+                    {
+                        "uri": facts.base_reference,
+                        "name": "base",
+                        "digest": _digest_set(facts.base_digest),
+                    },
+                ],
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": {"packager": __version__}},
+                "metadata": {},
+            },
+        },
+    }
+    return json.dumps(statement, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _model(facts: ImageFacts) -> Component:
+    prov = facts.provenance
+    properties = [Property(name="mlflow:uri", value=facts.model_uri)]
+    if prov.run_id:
+        properties.append(Property(name="mlflow:run_id", value=prov.run_id))
+    if prov.source:
+        properties.append(Property(name="mlflow:source", value=prov.source))
+    return Component(
+        type=ComponentType.MACHINE_LEARNING_MODEL,
+        name=prov.model_name or facts.model_uri,
+        version=prov.model_version,
+        bom_ref="model",
+        hashes=[_sha256(prov.content_digest)] if prov.content_digest else None,
+        properties=properties,
+    )
+
+
+def _wheel(wheel: WheelFile) -> Component:
+    purl = PackageURL(type="pypi", name=wheel.name, version=wheel.version)
+    return Component(
+        type=ComponentType.LIBRARY,
+        name=wheel.name,
+        version=wheel.version,
+        bom_ref=f"pypi:{wheel.name}",
+        purl=purl,
+        hashes=[_sha256(wheel.sha256)],
+        properties=[Property(name="packager:wheel", value=wheel.filename)],
+    )
+
+
+def _debian(package: DebianPackage) -> Component:
+    qualifiers = {"arch": package.architecture} if package.architecture else None
+    purl = PackageURL(
+        type="deb",
+        namespace="debian",
+        name=package.name,
+        version=package.version,
+        qualifiers=qualifiers,
+    )
+    return Component(
+        type=ComponentType.LIBRARY,
+        name=package.name,
+        version=package.version,
+        bom_ref=f"deb:{package.name}:{package.architecture}",
+        purl=purl,
+    )
+
+
+def _sha256(digest: str) -> HashType:
+    return HashType(alg=HashAlgorithm.SHA_256, content=digest.removeprefix("sha256:"))
+
+
+def _digest_set(digest: str) -> dict[str, str]:
+    algorithm, _, value = digest.partition(":")
+    return {algorithm: value} if value else {}
+
+
+def _compact(text: str) -> bytes:
+    """Canonical JSON: the library's output re-serialised with sorted keys, no spaces."""
+    return json.dumps(json.loads(text), sort_keys=True, separators=(",", ":")).encode()
+
+
+def installed_names(document: bytes) -> Iterable[tuple[str, str]]:
+    """The (name, version) of every ``pkg:pypi`` component an SBOM lists."""
+    for component in json.loads(document).get("components", []):
+        if str(component.get("purl", "")).startswith("pkg:pypi/"):
+            yield str(component["name"]), str(component["version"])
+
+
+def check(
+    digest: str, labels: dict[str, str], sbom_document: bytes, statement_document: bytes
+) -> tuple[str, ...]:
+    """What in an image's attestations disagrees with the image (its manifest digest and
+    the labels packager wrote into its config); empty when they agree."""
+    problems: list[str] = []
+    try:
+        bom = json.loads(sbom_document)
+        statement = json.loads(statement_document)
+    except ValueError as err:
+        return (f"an attestation is not JSON: {err}",)
+    described = (bom.get("metadata") or {}).get("component") or {}
+    if described.get("version") != digest:
+        problems.append(f"the SBOM describes {described.get('version')}, not {digest}")
+    subjects = [s.get("digest", {}) for s in statement.get("subject", [])]
+    if _digest_set(digest) not in subjects:
+        problems.append(f"the provenance's subject is {subjects}, not {digest}")
+    model = next(
+        (c for c in bom.get("components", []) if c.get("type") == "machine-learning-model"),
+        None,
+    )
+    if model is None:
+        problems.append("the SBOM lists no model")
+    else:
+        hashes = [f"sha256:{h.get('content')}" for h in model.get("hashes", [])]
+        for label, found in (
+            ("io.packager.model.name", [model.get("name")]),
+            ("io.packager.model.version", [model.get("version")]),
+            ("io.packager.model.digest", hashes),
+        ):
+            if label in labels and labels[label] not in found:
+                problems.append(
+                    f"the SBOM's model has {found}, the label {label} says {labels[label]}"
+                )
+    resolved = {
+        d.get("name"): d.get("digest", {})
+        for d in statement.get("predicate", {})
+        .get("buildDefinition", {})
+        .get("resolvedDependencies", [])
+    }
+    lock = labels.get(LOCK_DIGEST_LABEL)
+    if lock is not None and resolved.get("lock") != _digest_set(lock):
+        problems.append(f"the provenance's lock is {resolved.get('lock')}, the label says {lock}")
+    return tuple(problems)

@@ -1,0 +1,171 @@
+"""``packager release`` end to end: a real ``mlflow server``, the OCI backend, the engine
+for the test, Debian's docker-registry. One release of the test model, a re-run that must
+be a no-op, then a look at what the registries hold."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packager import attest, publish, record
+from packager.cli import main
+from packager.errors import RecordError
+from packager.image.registry import Client, parse_target
+from tests.conftest import MlflowServer
+
+pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
+
+MODEL = "models:/pyfunc-code/1"
+
+
+@pytest.mark.usefixtures("registry_env")
+def test_release_then_already_released(
+    base_image: str,
+    local_registry: str,
+    docker_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mlflow.tracking import MlflowClient
+
+    repository = f"{local_registry}/released"
+    argv = ["release", MODEL, "-t", repository, "--base-image", base_image]
+    argv += ["--alias", "live", "--attestations-dir", str(tmp_path), "--json"]
+    started = time.monotonic()
+    code = main(argv)
+    first_seconds = time.monotonic() - started
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert out["failed"] == []
+    (report,) = out["releases"]
+    assert report["status"] == "released"
+    assert report["tags"] == [f"{repository}:pyfunc-code-1"]
+    assert report["image"].startswith(f"{repository}@sha256:")
+    assert report["tested"] is True
+    assert report["test"]["built_from_model"] is True
+    assert [s["name"] for s in report["steps"]] == [
+        "source",
+        "lock",
+        "check",
+        "build",
+        "test",
+        "push",
+        "attest",
+        "record",
+    ]
+
+    # What the registries hold: the image by digest, the version's tags and the alias.
+    assert publish.manifest_exists(report["image"])
+    mlflow_client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    version = mlflow_client.get_model_version("pyfunc-code", "1")
+    assert version.tags[record.IMAGE_TAG] == report["image"]
+    assert version.tags[record.LOCK_DIGEST_TAG] == report["lock_digest"]
+    assert version.tags[record.BASE_DIGEST_TAG] == report["base_digest"]
+    assert version.tags[record.VERSION_TAG] == report["packager_version"]
+    live = mlflow_client.get_model_version_by_alias("pyfunc-code", "live")
+    assert str(live.version) == "1"
+
+    _check_attestations(report, tmp_path, docker_client)
+    assert main(["attestations", report["image"], "--json"]) == 0
+    checked = json.loads(capsys.readouterr().out)
+    assert checked["verified"] is True, checked["problems"]
+    assert checked["attestations"] == {a["kind"]: a["pinned"] for a in report["attestations"]}
+
+    # The same release again: nothing built, pushed or recorded.
+    started = time.monotonic()
+    assert main(argv) == 0
+    again_seconds = time.monotonic() - started
+    (again,) = json.loads(capsys.readouterr().out)["releases"]
+    assert again["status"] == "already released"
+    assert again["image"] == report["image"]
+    assert again["tags"] == []
+    assert again["recorded"]["tags"] == {}  # only the alias is set again
+    assert again["recorded"]["alias"] == "live"
+    assert "build" not in [s["name"] for s in again["steps"]]
+    assert again_seconds < 30
+    print(f"release: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
+
+
+@pytest.mark.usefixtures("registered_models")
+def test_recording_into_a_deleted_version_names_the_image_it_keeps(
+    mlflow_server: MlflowServer,
+) -> None:
+    """The real server's own "does not exist" answer, translated."""
+    ref = record.VersionRef(
+        name="pyfunc-code",
+        version="999",
+        tracking_uri=mlflow_server.uri,
+        registry_uri=mlflow_server.uri,
+    )
+    image = "127.0.0.1:5000/released@sha256:" + "e" * 64
+    with pytest.raises(RecordError) as caught:
+        record.record_release(ref, {record.IMAGE_TAG: image}, alias=None, image=image)
+    assert "no longer exists" in caught.value.message
+    assert f"{image} stays in place" in caught.value.message
+
+
+INSTALLED = (
+    "import importlib.metadata as m, json; "
+    "print(json.dumps(sorted((d.metadata['Name'], d.version) for d in m.distributions())))"
+)
+
+
+def _check_attestations(report: dict[str, Any], written: Path, docker_client: Any) -> None:
+    """Both artifacts are in the registry under cosign's tags, with the image as subject;
+    the SBOM is valid CycloneDX and lists exactly the distributions installed in the image
+    and the base's Debian packages."""
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+
+    image = report["image"]
+    name, _, digest = image.partition("@")
+    by_kind = {a["kind"]: a for a in report["attestations"]}
+    assert set(by_kind) == {"sbom", "att"}
+    client = Client(parse_target(f"{name}:probe"))
+    documents = {}
+    for kind, pushed in by_kind.items():
+        assert pushed["reference"] == f"{name}:{digest.replace(':', '-')}.{kind}"
+        body, _ = client.get_manifest(pushed["reference"].rpartition(":")[2])
+        manifest = json.loads(body)
+        assert manifest["subject"]["digest"] == digest
+        assert manifest["artifactType"] == pushed["media_type"]
+        layer = manifest["layers"][0]
+        assert layer["digest"] == pushed["document_digest"]
+        blob = written / f"{kind}.blob"
+        client.fetch_blob(layer["digest"], blob)
+        documents[kind] = blob.read_bytes()
+        on_disk = written / f"{digest.replace(':', '-')}.{kind}.json"
+        assert on_disk.read_bytes() == documents[kind]
+    sbom = documents["sbom"]
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(sbom.decode()) is None
+    container = docker_client.containers.run(
+        report["tags"][0],
+        entrypoint=["python", "-c", INSTALLED],
+        detach=True,
+        network_mode="none",
+    )
+    try:
+        status = container.wait(timeout=120)
+        output = container.logs(stdout=True, stderr=False)
+        errors = container.logs(stdout=False, stderr=True)
+    finally:
+        container.remove(force=True)
+    assert status["StatusCode"] == 0, errors.decode(errors="replace")
+    assert output.strip(), errors.decode(errors="replace")
+    installed = {(n.lower().replace("_", "-"), v) for n, v in json.loads(output)}
+    listed = {(n.lower().replace("_", "-"), v) for n, v in attest.installed_names(sbom)}
+    assert listed == installed
+    components = json.loads(sbom)["components"]
+    debian = [c["name"] for c in components if c.get("purl", "").startswith("pkg:deb/debian/")]
+    assert "libc6" in debian
+    statement = json.loads(documents["att"])
+    assert statement["subject"][0]["digest"] == {"sha256": digest.removeprefix("sha256:")}
+    resolved = {
+        d["name"] for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+    }
+    assert resolved == {"model", "lock", "base"}
