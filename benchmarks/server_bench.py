@@ -14,8 +14,8 @@ separate process on loopback with keep-alive connections. It reports:
   longer: between requests the event loop, the kernel and the client run on the same
   cores and evict what the model's code had in the CPU's caches;
 * start to ready (first 200 from /ping; median of --starts interleaved starts of each),
-  ratio (goal: <= 1/3 of MLflow's); and the floor any server that loads through MLflow
-  pays: a bare ``python -c "import mlflow.pyfunc; load_model(...)"`` to its last line;
+  against MLflow's and against the floor any server that loads through MLflow pays: a bare
+  ``python -c "import mlflow.pyfunc; load_model(...)"`` to its last line (goal: <= 1.1x);
 * memory (PSS of the whole process tree) with 4 workers vs 1 (goal: <= 1.5x).
 
 Nothing here asserts: the numbers depend on the machine. Run it twice to see the noise.
@@ -398,7 +398,7 @@ def report(r: dict[str, Any]) -> None:
             f"{theirs['start_seconds']:.2f}",
             f"{ours['start_seconds']:.2f}",
             f"{ours['start_seconds'] / theirs['start_seconds']:.2f} of MLflow's",
-            "<= 0.33",
+            "",
         ),
         (
             "  floor: import mlflow + load (s)",
@@ -406,6 +406,13 @@ def report(r: dict[str, Any]) -> None:
             f"{r['load_floor_seconds']:.2f}",
             f"{r['load_floor_seconds'] / theirs['start_seconds']:.2f} of MLflow's",
             "",
+        ),
+        (
+            "  start to ready / floor",
+            "",
+            "",
+            f"{ours['start_seconds'] / r['load_floor_seconds']:.2f}x",
+            "<= 1.1x",
         ),
         (
             "PSS 4 workers / 1 worker",

@@ -74,10 +74,10 @@ _PROBE_DEADLINE_MAX = 30.0
 _FIRST_WORKER_TRIES = 3
 # Flavors whose runtime starts thread pools when it loads (and that don't survive a fork):
 # their models are spawned without loading them here first. TensorFlow's hang every
-# forked prediction; XGBoost's OpenMP (libgomp) pool hangs the forked probe
-# (benchmarks/flavor_bench.py shows each flavor's mode). Other flavors are decided by
-# evidence after loading.
-FORK_UNSAFE_FLAVORS = frozenset({"tensorflow", "keras", "xgboost"})
+# forked prediction; XGBoost's OpenMP (libgomp) pool and a transformers pipeline's threads
+# hang the forked probe (benchmarks/flavor_bench.py shows each flavor's mode). Other
+# flavors are decided by evidence after loading.
+FORK_UNSAFE_FLAVORS = frozenset({"tensorflow", "keras", "xgboost", "transformers"})
 # How a started worker learns its row and inherited descriptors (JSON), and how a
 # supervisor that re-executes itself in spawn mode keeps its listening socket and reason.
 _WORKER_ENV = "PACKAGER_SERVER_WORKER"
