@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -27,6 +26,7 @@ from urllib.parse import unquote, urlsplit, urlunsplit
 
 from packager.env.conda import CHANNEL_HINT, channel_secrets
 from packager.env.condalock import CondaLock, CondaPackage
+from packager.env.wheelhouse import store_by_sha256
 from packager.errors import HashMismatchError, IndexAuthError, ResolutionError
 from packager.redact import redact_uri, scrub
 
@@ -59,16 +59,7 @@ class CondaStore:
         return path if path.is_file() else None
 
     def add(self, file: Path, sha256: str) -> Path:
-        folder = self.root / sha256
-        if not folder.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
-            shutil.copy2(file, staging / file.name)
-            try:
-                staging.rename(folder)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # another run got there first
-        return folder / file.name
+        return store_by_sha256(self.root, file, sha256) / file.name
 
 
 def fetch_conda_packages(

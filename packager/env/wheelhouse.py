@@ -80,16 +80,24 @@ class WheelStore:
         return None
 
     def add(self, file: Path, sha256: str) -> Path:
-        folder = self.root / sha256
-        if not folder.is_dir():
-            self.root.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(dir=self.root, prefix=".tmp-"))
-            shutil.copy2(file, staging / file.name)
-            try:
-                staging.rename(folder)
-            except OSError:
-                shutil.rmtree(staging, ignore_errors=True)  # another run got there first
-        return next(folder.glob("*.whl"))
+        return next(store_by_sha256(self.root, file, sha256).glob("*.whl"))
+
+
+def store_by_sha256(root: Path, file: Path, sha256: str) -> Path:
+    """Copy ``file`` (already verified against ``sha256``) into ``root/<sha256>/``, whole or
+    not at all: staged beside it and renamed into place, so a crash or a concurrent run never
+    leaves a half-written entry. Returns the entry's folder. Wheels and conda packages share it.
+    """
+    folder = root / sha256
+    if not folder.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
+        shutil.copy2(file, staging / file.name)
+        try:
+            staging.rename(folder)
+        except OSError:
+            shutil.rmtree(staging, ignore_errors=True)  # another run got there first
+    return folder
 
 
 def build_wheelhouse(lock: Lock, inputs: LockInputs, *, cache_root: Path) -> Wheelhouse:
