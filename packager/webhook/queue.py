@@ -1,0 +1,321 @@
+"""The durable queue: every accepted delivery and the release jobs it made, in SQLite.
+
+Why SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when
+:meth:`JobQueue.accept` returns, and the receiver answers 2xx only after that, so an
+event MLflow saw acknowledged survives ``kill -9`` and a power cut; WAL lets the HTTP
+threads write while workers read. One receiver process owns a queue file (an advisory
+lock refuses a second one), which is what makes :meth:`JobQueue.recover` safe: a job
+still ``running`` when the queue is opened belonged to a process that is gone.
+
+Job states::
+
+    pending ──claim──▶ running ──complete──▶ done
+       ▲                  │
+       │                  └──fail──▶ failed (waits out its backoff, then is claimed again)
+       │                               └─ at the attempt limit, or a permanent error ─▶ parked
+       └──────────── retry (by hand) ◀──────────────────────────────────────────────┘
+
+Exactly once to completion: a job reaches ``done`` once, from the one claim that holds it
+(complete/fail check the claim's token). A crash between the release finishing and
+``complete`` re-runs the release, which then answers "already released" (see
+:mod:`packager.release`): harmless, and the job completes once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from packager.errors import CacheError, UsageError
+from packager.webhook.rules import JobSpec
+
+State = Literal["pending", "running", "done", "failed", "parked"]
+STATES: tuple[State, ...] = ("pending", "running", "done", "failed", "parked")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deliveries (
+    delivery_id TEXT PRIMARY KEY,
+    event TEXT NOT NULL,
+    received REAL NOT NULL,
+    outcome TEXT NOT NULL            -- queued | ignored
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    delivery_id TEXT NOT NULL REFERENCES deliveries(delivery_id),
+    key TEXT NOT NULL,
+    spec TEXT NOT NULL,              -- JobSpec as JSON
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    not_before REAL NOT NULL DEFAULT 0,
+    claim TEXT,                      -- token of the claim that runs it
+    error TEXT,
+    result TEXT,
+    created REAL NOT NULL,
+    updated REAL NOT NULL,
+    seconds REAL                     -- the last attempt's duration
+);
+CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, not_before);
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Accepted:
+    duplicate: bool  # the delivery id was accepted before: nothing new queued
+    job_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Job:
+    id: int
+    delivery_id: str
+    spec: JobSpec
+    state: State
+    attempts: int
+    not_before: float
+    claim: str | None
+    error: str | None
+    result: str | None
+    created: float
+    updated: float
+    seconds: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetryPolicy:
+    """Exponential backoff between attempts, ``base * 2**(n-1)`` capped, ``limit`` in all."""
+
+    limit: int = 5
+    base: float = 30.0
+    cap: float = 1800.0
+
+    def delay(self, attempts: int) -> float:
+        return float(min(self.cap, self.base * 2 ** max(attempts - 1, 0)))
+
+
+class JobQueue:
+    """The queue file at ``path``; thread-safe (one connection, one lock)."""
+
+    def __init__(self, path: Path, *, retry: RetryPolicy | None = None) -> None:
+        self.path = path
+        self.retry = retry or RetryPolicy()
+        self._lock = threading.Lock()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._owner = self._take_ownership(path)
+            self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(_SCHEMA)
+        except (OSError, sqlite3.Error) as err:
+            raise CacheError(f"cannot open the webhook queue {path}: {err}") from err
+
+    @staticmethod
+    def _take_ownership(path: Path) -> int:
+        """An exclusive ``flock`` on ``PATH.lock`` for the process's lifetime (the kernel
+        drops it when the process dies, however it dies)."""
+        fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(
+                f"another receiver already uses the queue {path}",
+                hint="stop it first, or give this one its own --queue file",
+            ) from None
+        return fd
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+            os.close(self._owner)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT`` under the lock; rolled back on any error."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def accept(
+        self, delivery_id: str, event: str, jobs: tuple[JobSpec, ...], *, now: float | None = None
+    ) -> Accepted:
+        """Record the delivery and queue its jobs, in one commit. A delivery id seen
+        before queues nothing; a job the same as one still pending is not queued twice."""
+        stamp = time.time() if now is None else now
+        with self._transaction() as db:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO deliveries VALUES (?, ?, ?, ?)",
+                (delivery_id, event, stamp, "queued" if jobs else "ignored"),
+            ).rowcount
+            if not inserted:
+                return Accepted(duplicate=True, job_ids=())
+            ids = [self._queue_one(db, delivery_id, job, stamp) for job in jobs]
+        return Accepted(duplicate=False, job_ids=tuple(ids))
+
+    @staticmethod
+    def _queue_one(db: sqlite3.Connection, delivery_id: str, job: JobSpec, now: float) -> int:
+        row = db.execute(
+            "SELECT id FROM jobs WHERE key = ? AND state = 'pending'", (job.key,)
+        ).fetchone()
+        if row is not None:
+            return int(row[0])
+        cursor = db.execute(
+            "INSERT INTO jobs (delivery_id, key, spec, state, created, updated)"
+            " VALUES (?, ?, ?, 'pending', ?, ?)",
+            (delivery_id, job.key, json.dumps(job.to_json(), sort_keys=True), now, now),
+        )
+        return int(cursor.lastrowid or 0)
+
+    def recover(self, *, now: float | None = None) -> int:
+        """Put back jobs left ``running`` by a process that died; how many there were.
+        Call once, right after opening (this process owns the queue, so nothing else
+        can be running them)."""
+        stamp = time.time() if now is None else now
+        with self._transaction() as db:
+            return db.execute(
+                "UPDATE jobs SET state = 'pending', claim = NULL, not_before = 0, updated = ?,"
+                " error = 'interrupted: the receiver stopped while the job ran'"
+                " WHERE state = 'running'",
+                (stamp,),
+            ).rowcount
+
+    def claim(self, *, now: float | None = None) -> Job | None:
+        """The oldest job due (pending, or failed and past its backoff), now running."""
+        stamp = time.time() if now is None else now
+        token = uuid.uuid4().hex
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id FROM jobs WHERE state IN ('pending', 'failed') AND not_before <= ?"
+                " ORDER BY not_before, id LIMIT 1",
+                (stamp,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute(
+                "UPDATE jobs SET state = 'running', claim = ?, attempts = attempts + 1,"
+                " updated = ? WHERE id = ?",
+                (token, stamp, row[0]),
+            )
+        return self.get(int(row[0]))
+
+    def complete(self, job: Job, result: str, *, seconds: float) -> bool:
+        """Mark the claimed job done; False when the claim is no longer its own."""
+        return self._finish(job, "done", seconds=seconds, result=result, error=None)
+
+    def fail(self, job: Job, error: str, *, seconds: float, permanent: bool = False) -> State:
+        """Record a failed attempt: ``failed`` with a backoff, or ``parked`` when the
+        error is permanent or the attempts are used up. Returns the new state."""
+        state: State = "parked" if permanent or job.attempts >= self.retry.limit else "failed"
+        delay = 0.0 if state == "parked" else self.retry.delay(job.attempts)
+        self._finish(job, state, seconds=seconds, error=error, result=None, delay=delay)
+        return state
+
+    def _finish(
+        self,
+        job: Job,
+        state: State,
+        *,
+        seconds: float,
+        result: str | None,
+        error: str | None,
+        delay: float = 0.0,
+    ) -> bool:
+        stamp = time.time()
+        with self._transaction() as db:
+            return bool(
+                db.execute(
+                    "UPDATE jobs SET state = ?, claim = NULL, result = ?, error = ?, seconds = ?,"
+                    " not_before = ?, updated = ? WHERE id = ? AND state = 'running'"
+                    " AND claim = ?",
+                    (state, result, error, seconds, stamp + delay, stamp, job.id, job.claim),
+                ).rowcount
+            )
+
+    def retry_job(self, job_id: int) -> Job:
+        """Requeue a failed or parked job now, with its attempts reset."""
+        with self._transaction() as db:
+            changed = db.execute(
+                "UPDATE jobs SET state = 'pending', attempts = 0, not_before = 0, updated = ?"
+                " WHERE id = ? AND state IN ('failed', 'parked')",
+                (time.time(), job_id),
+            ).rowcount
+        if not changed:
+            raise UsageError(
+                f"job {job_id} is not failed or parked, so there is nothing to retry",
+                hint="`packager webhook jobs` lists the jobs and their states",
+            )
+        return self.get(job_id)
+
+    def get(self, job_id: int) -> Job:
+        with self._lock:
+            row = self._db.execute(f"{_SELECT} WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise UsageError(f"there is no job {job_id} in {self.path}")
+        return _job(row)
+
+    def jobs(self, state: State | None = None) -> tuple[Job, ...]:
+        where, args = (" WHERE state = ?", (state,)) if state else ("", ())
+        with self._lock:
+            rows = self._db.execute(f"{_SELECT}{where} ORDER BY id", args).fetchall()
+        return tuple(_job(row) for row in rows)
+
+    def counts(self) -> dict[State, int]:
+        """Jobs by state (every state present, zero when none), for ``/metrics``."""
+        with self._lock:
+            rows = self._db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state").fetchall()
+        found = {str(state): int(n) for state, n in rows}
+        return {state: found.get(state, 0) for state in STATES}
+
+    def deliveries(self) -> dict[str, int]:
+        """Deliveries by outcome (queued, ignored)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT outcome, COUNT(*) FROM deliveries GROUP BY outcome"
+            ).fetchall()
+        return {str(outcome): int(n) for outcome, n in rows}
+
+    def ping(self) -> None:
+        """Raise if the database cannot be read (``/readyz``)."""
+        with self._lock:
+            self._db.execute("SELECT 1 FROM jobs LIMIT 1").fetchall()
+
+
+_SELECT = (
+    "SELECT id, delivery_id, spec, state, attempts, not_before, claim, error, result,"
+    " created, updated, seconds FROM jobs"
+)
+
+
+def _job(row: tuple[object, ...]) -> Job:
+    (job_id, delivery, spec, state, attempts, not_before, claim, error, result, *times) = row
+    created, updated, seconds = times
+    return Job(
+        id=int(str(job_id)),
+        delivery_id=str(delivery),
+        spec=JobSpec.from_json(json.loads(str(spec))),
+        state=state,  # type: ignore[arg-type]
+        attempts=int(str(attempts)),
+        not_before=float(str(not_before)),
+        claim=None if claim is None else str(claim),
+        error=None if error is None else str(error),
+        result=None if result is None else str(result),
+        created=float(str(created)),
+        updated=float(str(updated)),
+        seconds=None if seconds is None else float(str(seconds)),
+    )

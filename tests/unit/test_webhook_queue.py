@@ -1,0 +1,156 @@
+"""The durable queue: what was accepted survives SIGKILL and completes exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from packager.errors import UsageError
+from packager.webhook.queue import JobQueue, RetryPolicy
+from packager.webhook.rules import VERSION_CREATED, JobSpec, ReleaseChoices
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def spec(version: str = "1") -> JobSpec:
+    return JobSpec(
+        model=f"models:/m/{version}",
+        name="m",
+        version=version,
+        image=f"r.example/x/m:{version}",
+        event=VERSION_CREATED,
+        rule_line=2,
+        release=ReleaseChoices(),
+    )
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[JobQueue]:
+    q = JobQueue(tmp_path / "queue.db", retry=RetryPolicy(limit=3, base=10, cap=15))
+    yield q
+    q.close()
+
+
+def _killed_child(db: Path, steps: str) -> None:
+    """Run ``steps`` in a fresh interpreter with ``q`` open on ``db``; once it prints
+    READY, SIGKILL it (no clean-up, no close) and wait for it to be gone."""
+    code = (
+        textwrap.dedent(
+            f"""
+        import sys, time
+        from pathlib import Path
+        from packager.webhook.queue import JobQueue
+        from packager.webhook.rules import JobSpec, ReleaseChoices
+        q = JobQueue(Path({str(db)!r}))
+        spec = JobSpec(model="models:/m/1", name="m", version="1", image="r.example/x/m:1",
+                       event="model_version.created", rule_line=2, release=ReleaseChoices())
+        """
+        )
+        + textwrap.dedent(steps)
+        + "\nprint('READY', flush=True)\ntime.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None
+        assert child.stdout.readline().strip() == "READY"
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+
+
+def test_accepted_then_killed_is_pending_and_runs_once(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    _killed_child(db, "assert q.accept('d-1', 'model_version.created', (spec,)).job_ids == (1,)")
+    q = JobQueue(db)
+    try:
+        assert q.recover() == 0
+        assert [(j.id, j.state, j.spec) for j in q.jobs()] == [(1, "pending", spec())]
+        assert q.accept("d-1", VERSION_CREATED, (spec(),)).duplicate  # MLflow's retry
+        job = q.claim()
+        assert job is not None
+        assert q.complete(job, "released", seconds=1.0)
+        assert q.claim() is None
+        assert [(j.state, j.attempts, j.result) for j in q.jobs()] == [("done", 1, "released")]
+    finally:
+        q.close()
+
+
+def test_killed_while_running_is_resumed_exactly_once(tmp_path: Path) -> None:
+    db = tmp_path / "queue.db"
+    _killed_child(
+        db,
+        """
+        q.accept('d-1', 'model_version.created', (spec,))
+        assert q.claim().state == 'running'
+        """,
+    )
+    q = JobQueue(db)  # the dead child's lock is gone with it
+    try:
+        assert q.jobs()[0].state == "running"
+        assert q.recover() == 1
+        first = q.claim()
+        assert first is not None
+        assert (first.state, first.attempts) == ("running", 2)
+        assert q.claim() is None  # one job, one runner
+        assert q.complete(first, "already released", seconds=0.1)
+        assert not q.complete(first, "again", seconds=0.1)  # done once
+        assert q.counts() == {"pending": 0, "running": 0, "done": 1, "failed": 0, "parked": 0}
+    finally:
+        q.close()
+
+
+def test_a_second_owner_is_refused(queue: JobQueue) -> None:
+    with pytest.raises(UsageError, match="another receiver"):
+        JobQueue(queue.path)
+
+
+def test_duplicate_delivery_and_pending_twin_queue_nothing(queue: JobQueue) -> None:
+    first = queue.accept("d-1", VERSION_CREATED, (spec("1"),))
+    assert (first.duplicate, first.job_ids) == (False, (1,))
+    assert queue.accept("d-1", VERSION_CREATED, (spec("1"),)).duplicate
+    # Another delivery for the same release while the first is still pending joins it.
+    assert queue.accept("d-2", "model_version_alias.created", (spec("1"),)).job_ids == (1,)
+    assert queue.accept("d-3", VERSION_CREATED, ()).job_ids == ()
+    assert len(queue.jobs()) == 1
+    assert queue.deliveries() == {"queued": 2, "ignored": 1}
+
+
+def test_failures_back_off_then_park_and_retry_requeues(queue: JobQueue) -> None:
+    queue.accept("d-1", VERSION_CREATED, (spec(),))
+    job = queue.claim(now=0)
+    assert job is not None
+    assert queue.fail(job, "registry down", seconds=1) == "failed"
+    failed = queue.get(job.id)
+    assert failed.error == "registry down"
+    assert queue.claim(now=failed.not_before - 1) is None  # backoff of 10 s
+    job = queue.claim(now=failed.not_before)
+    assert job is not None
+    assert job.attempts == 2
+    assert queue.fail(job, "registry down", seconds=1) == "failed"
+    assert queue.get(job.id).not_before - queue.get(job.id).updated == pytest.approx(15)  # cap
+    job = queue.claim(now=queue.get(job.id).not_before)
+    assert job is not None
+    assert queue.fail(job, "registry down", seconds=1) == "parked"  # limit 3
+    assert queue.claim(now=1e12) is None
+    assert queue.retry_job(job.id).state == "pending"
+    assert queue.claim() is not None
+    with pytest.raises(UsageError, match="not failed or parked"):
+        queue.retry_job(job.id)
+
+
+def test_permanent_failure_parks_at_once(queue: JobQueue) -> None:
+    queue.accept("d-1", VERSION_CREATED, (spec(),))
+    job = queue.claim()
+    assert job is not None
+    assert queue.fail(job, "bad image reference", seconds=0, permanent=True) == "parked"
