@@ -87,7 +87,8 @@ def test_release_then_already_released(
     assert again["recorded"]["tags"] == {}  # only the alias is set again
     assert again["recorded"]["alias"] == "live"
     assert "build" not in [s["name"] for s in again["steps"]]
-    assert again_seconds < 30
+    assert "push" not in [s["name"] for s in again["steps"]]
+    # Timings are printed (README's figures), never asserted: they depend on the machine.
     print(f"release: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
 
 
