@@ -89,6 +89,33 @@ class ServerProcess:
 
 
 @contextlib.contextmanager
+def server_process(
+    argv: list[str], env: dict[str, str], port: int, log_dir: Path
+) -> Iterator[ServerProcess]:
+    """``python -m packager_server ARGV`` with exactly ``env``, its output in ``log_dir``;
+    SIGTERM (then SIGKILL to its process group) on exit."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    with (log_dir / "stdout.log").open("wb") as out, (log_dir / "stderr.log").open("wb") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "packager_server", *argv],
+            stdout=out,
+            stderr=err,
+            env=env,
+            start_new_session=True,
+        )
+    try:
+        yield ServerProcess(process=process, port=port, log_dir=log_dir, env=env)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@contextlib.contextmanager
 def run_server(
     model_dir: Path,
     log_dir: Path,
@@ -99,40 +126,13 @@ def run_server(
 ) -> Iterator[ServerProcess]:
     """``python -m packager_server`` on a free port; SIGTERM (then SIGKILL) on exit."""
     port = free_port()
-    log_dir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    with (log_dir / "stdout.log").open("wb") as out, (log_dir / "stderr.log").open("wb") as err:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "packager_server",
-                "--model-dir",
-                str(model_dir),
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                *args,
-            ],
-            stdout=out,
-            stderr=err,
-            env=full_env,
-            start_new_session=True,
-        )
-    server = ServerProcess(process=process, port=port, log_dir=log_dir, env=full_env)
-    try:
+    argv = ["--model-dir", str(model_dir), "--host", "127.0.0.1", "--port", str(port), *args]
+    with server_process(argv, {**os.environ, **(env or {})}, port, log_dir) as server:
         if wait_ready:
-            wait_for_http(f"{server.url}/ready", ready_deadline, process, log_dir / "stderr.log")
+            wait_for_http(
+                f"{server.url}/ready", ready_deadline, server.process, log_dir / "stderr.log"
+            )
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 # -- The flavor tests' environment (issue 18) --------------------------------------------

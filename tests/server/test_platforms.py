@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ import pytest
 
 from packager_server.config import ConfigError, load_config
 from tests.conftest import free_port, wait_for_http
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import ServerProcess, server_process
 
 pytestmark = pytest.mark.slow
 
@@ -46,7 +45,6 @@ def platform_server(
 ) -> Iterator[ServerProcess]:
     """``python -m packager_server ARGV`` as the platform runs it: the model and the port
     come from ``env`` only. SIGTERM (then SIGKILL) on exit."""
-    log_dir.mkdir(parents=True, exist_ok=True)
     base = {k: v for k, v in os.environ.items() if k not in _PLATFORM_VARIABLES}
     full_env = {
         **base,
@@ -55,27 +53,10 @@ def platform_server(
         "PACKAGER_WORKERS": "1",
         **env,
     }
-    with (log_dir / "stdout.log").open("wb") as out, (log_dir / "stderr.log").open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "packager_server", *argv],
-            stdout=out,
-            stderr=err,
-            env=full_env,
-            start_new_session=True,
-        )
-    server = ServerProcess(process=process, port=port, log_dir=log_dir, env=full_env)
-    try:
-        wait_for_http(f"{server.url}/live", 120, process, log_dir / "stderr.log")
-        wait_for_http(f"{server.url}/ready", 120, process, log_dir / "stderr.log")
+    with server_process(argv, full_env, port, log_dir) as server:
+        wait_for_http(f"{server.url}/live", 120, server.process, log_dir / "stderr.log")
+        wait_for_http(f"{server.url}/ready", 120, server.process, log_dir / "stderr.log")
         yield server
-    finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=40)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
 
 
 def _post(server: ServerProcess, path: str, body: Any, content_type: str, **headers: str) -> Any:
