@@ -8,9 +8,11 @@ import http.client
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +88,31 @@ class ServerProcess:
 
     def stderr(self) -> str:
         return (self.log_dir / "stderr.log").read_text()
+
+
+def received_by_server(port: int, client: socket.socket) -> bool:
+    """True once the server process has read everything ``client`` sent (Linux).
+
+    The kernel lists every TCP socket in /proc/net/tcp with the bytes waiting in its
+    receive queue: the server's end of this connection has an empty queue once the worker
+    read the request from it.
+    """
+    client_port = client.getsockname()[1]
+    local = f"0100007F:{port:04X}"
+    remote = f"0100007F:{client_port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == local and fields[2] == remote:
+            return int(fields[4].split(":")[1], 16) == 0
+    return False
+
+
+def wait_until(condition: Callable[[], object], seconds: float, what: str) -> None:
+    """Poll ``condition`` until it is true; fail naming ``what`` after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} within {seconds:g}s"
+        time.sleep(0.02)
 
 
 @contextlib.contextmanager

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.server.conftest import ServerProcess, run_server
+from tests.server.conftest import ServerProcess, received_by_server, run_server, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -92,30 +92,6 @@ def _sockets(count: int, server: ServerProcess) -> Iterator[list[socket.socket]]
     finally:
         for sock in opened:
             sock.close()
-
-
-def _received_by_server(port: int, client: socket.socket) -> bool:
-    """True once the server process has read everything ``client`` sent (Linux).
-
-    The kernel lists every TCP socket in /proc/net/tcp with the bytes waiting in its
-    receive queue: the server's end of this connection has an empty queue once the worker
-    read the request from it.
-    """
-    client_port = client.getsockname()[1]
-    local = f"0100007F:{port:04X}"
-    remote = f"0100007F:{client_port:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[2] == remote:
-            return int(fields[4].split(":")[1], 16) == 0
-    return False
-
-
-def _wait(condition: object, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"{what} within {seconds:g}s"
-        time.sleep(0.02)
 
 
 # -- item 6: probes while the model loads ------------------------------------------------
@@ -231,7 +207,7 @@ def test_requests_queued_behind_a_timed_out_first_request_are_answered(
         # The worker's first prediction runs on its event loop and overruns the timeout.
         with _connect(server, timeout=60) as first:
             first.sendall(_invocation({"sleep": 5.0}))
-            _wait(lambda: _received_by_server(server.port, first), 10, "the worker reads it")
+            wait_until(lambda: received_by_server(server.port, first), 10, "the worker reads it")
             with _sockets(8, server) as queued:
                 for sock in queued:
                     sock.settimeout(60)

@@ -29,7 +29,7 @@ import pytest
 from packager_server.connections import _end_stream
 from packager_server.supervisor import TAKEOVER_GRACE_SECONDS
 from packager_server.takeover import ConnectionTable, Farewell, Lifeline, Takeover
-from tests.server.conftest import ServerProcess, run_server
+from tests.server.conftest import ServerProcess, received_by_server, run_server, wait_until
 
 ONE_ROW = {"dataframe_split": {"columns": ["x"], "data": [[1.5]]}}
 TIMEOUT = 2.0
@@ -83,25 +83,6 @@ def _kept_alive(server: ServerProcess, count: int) -> list[socket.socket]:
         assert _response(sock)[0] == 200
         opened.append(sock)
     return opened
-
-
-def _received_by_server(port: int, client: socket.socket) -> bool:
-    """True once the server's end of this connection has an empty receive queue: a worker
-    read the request (Linux: /proc/net/tcp lists each socket's queues)."""
-    local = f"0100007F:{port:04X}"
-    remote = f"0100007F:{client.getsockname()[1]:04X}"
-    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
-        fields = line.split()
-        if fields[1] == local and fields[2] == remote:
-            return int(fields[4].split(":")[1], 16) == 0
-    return False
-
-
-def _wait(condition: Any, seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"{what} within {seconds:g}s"
-        time.sleep(0.02)
 
 
 def _access_log(server: ServerProcess) -> list[dict[str, Any]]:
@@ -171,7 +152,7 @@ def test_a_prediction_holding_the_gil_gets_its_504_and_the_worker_is_replaced(
         with _connect(server) as stuck:
             stuck.sendall(_invocation({"hold_gil": True}, request_id="stuck-request-1"))
             sent = time.monotonic()
-            _wait(lambda: _received_by_server(server.port, stuck), 10, "a worker reads it")
+            wait_until(lambda: received_by_server(server.port, stuck), 10, "a worker reads it")
             # Meanwhile, a request on every other connection: those the stuck worker holds
             # cannot be read by it any more.
             for sock in others:
@@ -205,12 +186,12 @@ def test_a_prediction_holding_the_gil_gets_its_504_and_the_worker_is_replaced(
             assert statuses == [503] * OTHERS
 
         taken_over = re.compile(r"worker (\d+) \(pid (\d+)\) has been predicting for over")
-        _wait(lambda: taken_over.search(server.stderr()), 10, "the supervisor logs it")
+        wait_until(lambda: taken_over.search(server.stderr()), 10, "the supervisor logs it")
         found = taken_over.search(server.stderr())
         assert found
         row, stuck_pid = int(found.group(1)), int(found.group(2))
         assert stuck_pid in before
-        _wait(
+        wait_until(
             lambda: len(_children(server)) == workers and stuck_pid not in _children(server),
             60,
             "a replacement worker starts",
@@ -238,7 +219,7 @@ def test_a_retiring_worker_whose_abandoned_thread_takes_the_gil_is_replaced(
         _every_worker_predicts_on_its_thread(server, 1)
         with _connect(server) as first, _connect(server) as second:
             first.sendall(_invocation({"sleep": TIMEOUT + 0.3, "hold_gil": True}))
-            _wait(lambda: _received_by_server(server.port, first), 10, "the worker reads it")
+            wait_until(lambda: received_by_server(server.port, first), 10, "the worker reads it")
             # A request whose body is still on its way: uvicorn waits for it on shutdown.
             head, _, body = _invocation({}).partition(b"\r\n\r\n")
             second.sendall(head + b"\r\n\r\n" + body[:5])
