@@ -42,19 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.server_bench import free_port, server, tree_pss_bytes  # noqa: E402
+from tests.fixtures.flavor_models import MODELS  # noqa: E402
 
 FLAVOR_PYTHON = ROOT / ".venv-flavors" / "bin" / "python"
-FLAVORS = [
-    "xgboost",
-    "lightgbm",
-    "keras-tf",
-    "keras",
-    "onnx",
-    "statsmodels-ols",
-    "statsmodels-arima",
-    "pytorch",
-    "transformers",
-]
+FLAVORS = list(MODELS)  # the flavor test models, in their order
 ENV = {
     **os.environ,
     "MLFLOW_DISABLE_TELEMETRY": "true",
