@@ -257,24 +257,31 @@ def test_an_interrupted_build_leaves_no_tag(
         time.sleep(1)
     assert running == []
     if signal_number == signal.SIGKILL:  # the next run succeeds (nothing half-done in the way)
+        # It is also the Docker backend's build without bytecode that keeps the packages'
+        # tests directories (removed by default): both variants must serve.
         again = subprocess.run(
-            [*interrupted_build, "-t", tag, "--base-image", fresh_base],
+            [*interrupted_build, "--keep-tests", "-t", tag, "--base-image", fresh_base],
             capture_output=True,
             text=True,
             timeout=1800,
             check=False,
         )
         assert again.returncode == 0, again.stderr[-3000:]
-        docker_client.images.get(tag)
+        _check_venv(docker_client, tag, bytecode=False, keep_tests=True)
+        assert main(["test", tag, "--model", "models:/sk-cloudpickle/1"]) == 0
+        docker_client.images.remove(tag, force=True)
         docker_client.images.remove(tag, force=True)
     docker_client.images.remove(fresh_base, force=True)
 
 
-# pyfunc-code and abs-wheel-path are built above. Of the other test models, these two
-# cover the Docker backend's variants (bytecode and not, --keep-tests, a private wheel);
-# every test model is built, tested, pushed and pulled through the default OCI backend in
-# test_oci.py, whose files and config test_oci.py also compares with this backend's.
-# (sk-cloudpickle and sk-skops here too cost CI 6.5 minutes and found nothing more.)
+# pyfunc-code and abs-wheel-path are built above, and sk-cloudpickle without bytecode and
+# with the packages' tests (the interrupted build's re-run). private-wheel is the Docker
+# backend's model with a wheel inside it. Every test model is built, tested, pushed and
+# pulled through the default OCI backend in test_oci.py, whose files and config
+# test_oci.py also compares with this backend's; layer reuse between versions is tested
+# there (test_check_reproducible_and_warm_rebuild, test_load_sends_only_...). Building
+# more models here (sk-cloudpickle, sk-skops, params-model, two versions for layer reuse)
+# cost CI about 12 minutes and found nothing more.
 # How many pycs and how many packages' tests directories /opt/venv holds.
 VENV_PROBE = (
     "import pathlib; v = pathlib.Path('/opt/venv/lib/python3.11/site-packages'); "
@@ -283,28 +290,7 @@ VENV_PROBE = (
 )
 
 
-@pytest.mark.parametrize(
-    "model",
-    ["models:/params-model/1", "models:/private-wheel/2"],
-)
-def test_every_model_builds_and_serves(  # noqa: PLR0917 - pytest fixtures
-    model: str,
-    registry_env: MlflowServer,
-    base_image: str,
-    private_wheels: dict[str, Path],
-    capsys: pytest.CaptureFixture[str],
-    docker_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    name = model.split("/")[1]
-    tag = f"packager-test/{name}:{model.rsplit('/', 1)[1]}"
-    # params-model is built without bytecode (both variants must serve) and keeps the
-    # packages' tests directories, which are removed by default.
-    bytecode = name == "private-wheel"
-    keep_tests = name == "params-model"
-    flags = [*([] if bytecode else ["--no-bytecode"]), *(["--keep-tests"] if keep_tests else [])]
-    code, out = build(capsys, model, "-t", tag, "--base-image", base_image, *flags)
-    assert code == 0, out
+def _check_venv(docker_client: Any, tag: str, *, bytecode: bool, keep_tests: bool) -> None:
     probe = docker_client.containers.run(
         tag,
         entrypoint=["python", "-c", VENV_PROBE],
@@ -316,32 +302,26 @@ def test_every_model_builds_and_serves(  # noqa: PLR0917 - pytest fixtures
     # pandas, numpy, scipy, scikit-learn and pyarrow ship dozens of tests directories.
     assert (tests_dirs > 20) is keep_tests, f"{tests_dirs} tests directories in /opt/venv"
     assert tests_dirs == 0 or keep_tests
-    labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
-    assert labels["io.packager.model.name"] == name
-    assert labels["org.opencontainers.image.base.name"] == base_image
-    assert labels["org.opencontainers.image.base.digest"] == out["base_image_digest"]
-    if name == "private-wheel":  # `packager test` loads the model here to know the answers
-        monkeypatch.setenv("PYTHONPATH", str(private_wheels["acme-featurizer"]))
-    assert main(["test", tag, "--model", model]) == 0
-    assert "passed" in capsys.readouterr().out
 
 
-def test_a_new_version_reuses_every_layer_but_the_models(
+def test_a_model_with_its_own_wheel_builds_and_serves(  # noqa: PLR0917 - pytest fixtures
     registry_env: MlflowServer,
     base_image: str,
+    private_wheels: dict[str, Path],
     capsys: pytest.CaptureFixture[str],
     docker_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Versions 1 and 2 of sk-cloudpickle have the same requirements, different weights."""
-    layers = []
-    for version in ("1", "2"):
-        tag = f"packager-test/reuse:{version}"
-        code, out = build(
-            capsys, f"models:/sk-cloudpickle/{version}", "-t", tag, "--base-image", base_image
-        )
-        assert code == 0, out
-        layers.append(docker_client.images.get(tag).attrs["RootFS"]["Layers"])
-    first, second = layers
-    assert len(first) == len(second)
-    assert first[:-1] == second[:-1]  # base, venv, server, code, artifacts: shared
-    assert first[-1] != second[-1]  # MLmodel and the weights
+    """private-wheel/2 carries its wheel in the model (``add_libraries_to_model``)."""
+    model, tag = "models:/private-wheel/2", "packager-test/private-wheel:2"
+    code, out = build(capsys, model, "-t", tag, "--base-image", base_image)
+    assert code == 0, out
+    _check_venv(docker_client, tag, bytecode=True, keep_tests=False)
+    labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
+    assert labels["io.packager.model.name"] == "private-wheel"
+    assert labels["org.opencontainers.image.base.name"] == base_image
+    assert labels["org.opencontainers.image.base.digest"] == out["base_image_digest"]
+    # `packager test` loads the model here to know the answers.
+    monkeypatch.setenv("PYTHONPATH", str(private_wheels["acme-featurizer"]))
+    assert main(["test", tag, "--model", model]) == 0
+    assert "passed" in capsys.readouterr().out
