@@ -169,6 +169,7 @@ def push_attestation(
                     "annotations": {"org.opencontainers.image.title": document_path.name},
                 }
             ],
+            "annotations": {ATTESTATION_ANNOTATION: kind},
             "subject": {
                 "mediaType": subject_type or MANIFEST_MEDIA_TYPE,
                 "digest": digest,
@@ -203,9 +204,38 @@ class FetchedAttestations:
     references: dict[str, str]  # kind → REGISTRY/REPO@sha256:… of the artifact
 
 
+# The artifact type of each kind of attestation (what ``packager release`` pushes).
+ATTESTATION_TYPES = {
+    "sbom": "application/vnd.cyclonedx+json",
+    "att": "application/vnd.in-toto+json",
+}
+# On packager's attestation manifests: which kind it is, so that a referrers listing (where
+# other tools' SBOMs may share the artifact type) finds packager's own.
+ATTESTATION_ANNOTATION = "io.packager.attestation"
+
+
+def _attestation_manifest(client: Client, digest: str, kind: str) -> bytes:
+    """The artifact's manifest: by its ``sha256-<hex>.<kind>`` tag, else (the tag deleted,
+    or never pushed by the tool that attached it) through the referrers API, where the
+    registry has it."""
+    tag = f"{digest.replace(':', '-')}.{kind}"
+    try:
+        return client.get_manifest(tag)[0]
+    except PushError:
+        found = [
+            m
+            for m in client.referrers(digest, ATTESTATION_TYPES[kind]) or []
+            if (m.get("annotations") or {}).get(ATTESTATION_ANNOTATION) == kind
+        ]
+        if not found:
+            raise
+        return client.get_manifest(str(found[0]["digest"]))[0]
+
+
 def fetch_attestations(image: str, kinds: tuple[str, ...], scratch: Path) -> FetchedAttestations:
     """The image's config labels and the artifacts tagged ``sha256-<hex>.<kind>`` next to
-    it, each checked to name ``image`` as its subject (blobs are digest-checked)."""
+    it (or listed by the referrers API), each checked to name ``image`` as its subject
+    (blobs are digest-checked)."""
     name, _, digest = image.partition("@")
     if not digest.startswith("sha256:"):
         raise PushError(f"{image} is not pinned by digest", hint="pass REGISTRY/REPO@sha256:…")
@@ -217,12 +247,11 @@ def fetch_attestations(image: str, kinds: tuple[str, ...], scratch: Path) -> Fet
     documents: dict[str, bytes] = {}
     references: dict[str, str] = {}
     for kind in kinds:
-        tag = f"{digest.replace(':', '-')}.{kind}"
-        manifest_bytes, _ = client.get_manifest(tag)
+        manifest_bytes = _attestation_manifest(client, digest, kind)
         manifest = json.loads(manifest_bytes)
         subject = (manifest.get("subject") or {}).get("digest")
         if subject != digest:
-            raise PushError(f"{name}:{tag} is about {subject}, not {digest}")
+            raise PushError(f"{name}'s {kind} attestation is about {subject}, not {digest}")
         path = scratch / f"{kind}.json"
         client.fetch_blob(manifest["layers"][0]["digest"], path)
         documents[kind] = path.read_bytes()

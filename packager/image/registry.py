@@ -194,6 +194,28 @@ class Client:
             )
         return body, headers.get("Content-Type", "").split(";")[0]
 
+    def referrers(self, digest: str, artifact_type: str) -> list[dict[str, Any]] | None:
+        """The descriptors of the manifests whose ``subject`` is ``digest`` and whose
+        artifact type is ``artifact_type``, from the OCI 1.1 referrers API; ``None`` where
+        the registry lacks that API (distribution 2.x answers 404)."""
+        status, _, body = self._request(
+            "GET",
+            f"/v2/{self.target.repository}/referrers/{digest}?artifactType="
+            + urllib.parse.quote(artifact_type, safe=""),
+            headers={"Accept": "application/vnd.oci.image.index.v1+json"},
+        )
+        if status != 200:
+            return None
+        try:
+            index = json.loads(body)
+        except ValueError:
+            return None
+        return [
+            m
+            for m in index.get("manifests", [])
+            if isinstance(m, dict) and m.get("artifactType") == artifact_type
+        ]
+
     def fetch_blob(self, digest: str, destination: Path) -> None:
         """Download a blob to ``destination``, checking its digest."""
         url = _http_only(f"{self.base}/v2/{self.target.repository}/blobs/{digest}")
