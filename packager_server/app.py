@@ -67,7 +67,7 @@ from packager_server import __version__, platforms
 from packager_server.config import ServerConfig
 from packager_server.connections import SLOT_KEY, GuardedConnection
 from packager_server.logs import log_access
-from packager_server.metrics import SharedMetrics
+from packager_server.metrics import SharedMetrics, route_label
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
 from packager_server.takeover import Lifeline, deadline_message
 from packager_server.v2 import OpenInference
@@ -176,7 +176,10 @@ class ScoringApp:
         # Count the request before answering it: a client that reads /metrics right after
         # its answer (perhaps from another worker) must already see it.
         elapsed = time.perf_counter() - started
-        self.metrics.observe(self.row, path, answer.status, elapsed)
+        label = route_label(
+            path, predict_route=self.config.predict_route, health_route=self.config.health_route
+        )
+        self.metrics.observe(self.row, label, answer.status, elapsed)
         if slot is not None and self._lifeline is not None:
             self._lifeline.writing(slot)  # from here on the supervisor must not write
         await send(
@@ -307,6 +310,8 @@ class ScoringApp:
                 kind = platforms.batch_format(content_type)
                 if kind is not None:
                     invoke = platforms.batch_invoker(self.scorer, kind, headers.get("accept"))
+            if platforms.wants_csv(headers.get("accept")):
+                invoke = platforms.csv_output(invoke)
         return await self._predict(body, content_type, slot, request_id, invoke), False
 
     async def _predict(

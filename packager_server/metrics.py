@@ -10,12 +10,37 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 import time
 from collections.abc import Sequence
 
-PATHS = ("/invocations", "/ping", "/health", "/version", "/metrics", "/live", "/ready", "other")
-STATUSES = (200, 400, 404, 405, 408, 413, 415, 422, 429, 500, 503, 504, 0)  # 0: any other
+# The ``path`` label: the route, not the request's path, so its values are a fixed few.
+# Vertex AI's routes are named by their variables (their paths are the deployment's
+# choice); a V2 model path is labelled as its route, with or without ``versions/{version}``.
+PATHS = (
+    "/invocations",
+    "/ping",
+    "/health",
+    "/version",
+    "/metrics",
+    "/live",
+    "/livez",
+    "/ready",
+    "/readyz",
+    "/execution-parameters",
+    "AIP_PREDICT_ROUTE",
+    "AIP_HEALTH_ROUTE",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
+    "/v2/models/{name}/infer",
+    "other",
+)
+STATUSES = (200, 400, 404, 405, 406, 408, 413, 415, 422, 429, 500, 503, 504, 0)  # 0: other
+_V2_MODEL = re.compile(r"^/v2/models/[^/]+(?:/versions/[^/]+)?(/ready|/infer)?$")
 BUCKETS = (
     0.001,
     0.0025,
@@ -39,6 +64,22 @@ _SERIES = 2 + len(BUCKETS)
 _ROW_CELLS = len(PATHS) * len(STATUSES) * _SERIES + 2  # + worker restarts, busy-since
 _BUSY = _ROW_CELLS - 2
 _CELL = 8
+
+
+def route_label(
+    path: str, *, predict_route: str | None = None, health_route: str | None = None
+) -> str:
+    """The ``path`` label of a request to ``path`` (one of :data:`PATHS`)."""
+    if path == predict_route:
+        return "AIP_PREDICT_ROUTE"
+    if path == health_route:
+        return "AIP_HEALTH_ROUTE"
+    if path in PATHS:
+        return path
+    match = _V2_MODEL.match(path)
+    if match:
+        return "/v2/models/{name}" + (match.group(1) or "")
+    return "other"
 
 
 def _escape(value: str) -> str:

@@ -29,6 +29,13 @@ Batch transform splits a file into records and posts them to ``/invocations``:
   signature's column order. Plain ``text/csv`` keeps MLflow's meaning (the first line is
   the header), so a transform job of header-less files sets that content type.
 
+``Accept: text/csv`` (the transform job's ``Accept``, which batch transform sends with each
+request; the answer its built-in algorithms give for it) turns the predictions into CSV
+rows without a header, one a record, so that ``AssembleWith: Line`` and ``JoinSource:
+Input`` line them up with the input's rows: a scalar a line, a list's or a record's values
+in order, named outputs side by side. Predictions that are not such a table are a 406.
+MLflow's server ignores ``Accept``; without ``text/csv`` first in it nothing changes.
+
 Each is turned into the MLflow request it means and scored by the same
 :class:`~packager_server.scoring.Scorer` as ``/invocations``, so schema enforcement, error
 messages and predictions are MLflow's.
@@ -36,6 +43,8 @@ messages and predictions are MLflow's.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from collections.abc import Callable
 from typing import Any
@@ -43,6 +52,7 @@ from typing import Any
 from packager_server.scoring import JSON, Answer, Scorer, error_answer
 
 JSON_LINES = ("application/jsonlines", "application/jsonl", "application/x-ndjson")
+CSV = "text/csv"
 
 Invoke = Callable[[bytes, "str | None"], Answer]
 
@@ -119,10 +129,24 @@ def batch_invoker(scorer: Scorer, kind: str, accept: str | None) -> Invoke:
     return invoke
 
 
-def _wants_lines(accept: str | None, *, default: bool) -> bool:
+def _accepted(accept: str | None) -> list[str]:
     if not accept:
+        return []
+    return [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
+
+
+def wants_csv(accept: str | None) -> bool:
+    """Whether the client asks for CSV first (SageMaker sends one type)."""
+    types = _accepted(accept)
+    return bool(types) and types[0] == CSV
+
+
+def _wants_lines(accept: str | None, *, default: bool) -> bool:
+    types = _accepted(accept)
+    if not types:
         return default
-    types = [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
+    if types[0] == CSV:
+        return False  # JSON for csv_output to turn into rows
     if any(t in JSON_LINES for t in types):
         return True
     if JSON in types:
@@ -213,6 +237,62 @@ def _as_lines(answer: Answer) -> Answer:
         score_seconds=answer.score_seconds,
         model_seconds=answer.model_seconds,
     )
+
+
+def csv_output(invoke: Invoke) -> Invoke:
+    """``invoke`` answering CSV rows (``Accept: text/csv``); errors stay JSON."""
+
+    def invoke_csv(body: bytes, content_type: str | None) -> Answer:
+        answer = invoke(body, content_type)
+        if answer.status != 200:
+            return answer
+        rows = _rows(json.loads(answer.body))
+        if rows is None:
+            return error_answer(
+                406,
+                "BAD_REQUEST",
+                "the predictions are not a table of scalars, so they have no CSV form: "
+                "ask for application/json",
+            )
+        out = io.StringIO()
+        csv.writer(out, lineterminator="\n").writerows(rows)
+        return Answer(
+            status=200,
+            body=out.getvalue().encode(),
+            route=answer.route,
+            content_type=CSV,
+            score_seconds=answer.score_seconds,
+            model_seconds=answer.model_seconds,
+        )
+
+    return invoke_csv
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _rows(decoded: Any) -> list[list[Any]] | None:
+    """MLflow's ``{"predictions": ...}`` as rows of scalars, or ``None`` when it is none."""
+    predictions = decoded.get("predictions") if isinstance(decoded, dict) else None
+    if isinstance(predictions, dict):  # named outputs: the columns of one table
+        columns = list(predictions.values())
+        if not all(isinstance(c, list) for c in columns) or len({len(c) for c in columns}) > 1:
+            return None
+        predictions = [list(row) for row in zip(*columns, strict=True)]
+    if not isinstance(predictions, list):
+        return None
+    rows: list[list[Any]] = []
+    for prediction in predictions:
+        if isinstance(prediction, dict):
+            row = list(prediction.values())
+        elif isinstance(prediction, list):
+            row = prediction
+        else:
+            row = [prediction]
+        if not all(isinstance(value, _SCALAR) for value in row):
+            return None
+        rows.append(row)
+    return rows
 
 
 def execution_parameters(*, workers: int, max_payload: int) -> Answer:

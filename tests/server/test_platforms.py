@@ -4,6 +4,8 @@ platform starts it: the command line and environment it gives, no ``--port``."""
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
 import os
 import subprocess
@@ -14,7 +16,10 @@ from typing import Any
 
 import pytest
 
+from packager_server import platforms
 from packager_server.config import ConfigError, load_config
+from packager_server.metrics import route_label
+from packager_server.scoring import Answer
 from tests.conftest import free_port, wait_for_http
 from tests.server.conftest import ServerProcess, server_process
 
@@ -106,6 +111,46 @@ def test_sagemaker_and_vertex_settings(tmp_path: Path) -> None:
             load_config([], {**env, "AIP_PREDICT_ROUTE": bad})
     with pytest.raises(SystemExit):  # argparse: only SageMaker's command is known
         load_config(["train"], env)
+
+
+@pytest.mark.parametrize(
+    ("predictions", "csv_text"),
+    [
+        ([2.0, -5.0], "2.0\n-5.0\n"),  # one scalar a line
+        ([[1, "a,b"], [2, None]], '1,"a,b"\n2,\n'),  # a list's values; RFC 4180 quoting
+        ([{"total": 1.5, "label": "x"}], "1.5,x\n"),  # a DataFrame's records, in order
+        ({"a": [1, 2], "b": [True, False]}, "1,True\n2,False\n"),  # named outputs side by side
+    ],
+)
+def test_csv_answers_are_rows(predictions: Any, csv_text: str) -> None:
+    body = json.dumps({"predictions": predictions}).encode()
+    invoke = platforms.csv_output(lambda _body, _type: Answer(status=200, body=body))
+    answer = invoke(b"", None)
+    assert (answer.status, answer.content_type, answer.body.decode()) == (200, "text/csv", csv_text)
+
+
+def test_csv_answers_refuse_what_is_not_a_table_and_keep_errors() -> None:
+    nested = json.dumps({"predictions": [[[1, 2]]]}).encode()
+    answer = platforms.csv_output(lambda _b, _t: Answer(status=200, body=nested))(b"", None)
+    assert answer.status == 406
+    assert "application/json" in json.loads(answer.body)["message"]
+    error = Answer(status=400, body=b'{"error_code": "BAD_REQUEST", "message": "m"}')
+    assert platforms.csv_output(lambda _b, _t: error)(b"", None) is error
+    assert platforms.wants_csv("text/csv")
+    assert platforms.wants_csv("text/csv, application/json;q=0.5")
+    assert not platforms.wants_csv("application/json, text/csv")
+    assert not platforms.wants_csv(None)
+
+
+def test_route_labels_are_a_fixed_few() -> None:
+    routes = {"predict_route": "/v1/e/1:predict", "health_route": "/v1/e/1"}
+    assert route_label("/v1/e/1:predict", **routes) == "AIP_PREDICT_ROUTE"
+    assert route_label("/v1/e/1", **routes) == "AIP_HEALTH_ROUTE"
+    assert route_label("/readyz") == "/readyz"
+    assert route_label("/v2/models/wine/versions/3/infer") == "/v2/models/{name}/infer"
+    assert route_label("/v2/models/wine") == "/v2/models/{name}"
+    assert route_label("/v2/models/wine/a/b") == "other"
+    assert route_label("/v1/e/1:predict") == "other"  # not Vertex's route here
 
 
 # -- Cloud Run, Azure ML: PORT ---------------------------------------------------------------
@@ -259,3 +304,31 @@ def test_batch_transform_csv_without_header(sagemaker: ServerProcess) -> None:
     )
     # Plain text/csv keeps MLflow's meaning: the first line is the header.
     assert sagemaker.invoke(body, "text/csv").status == 400
+
+
+def test_batch_transform_accept_csv(sagemaker: ServerProcess) -> None:
+    """The transform job's ``Accept: text/csv``: one CSV row a record, no header, so
+    ``JoinSource: Input`` can append each to its input line."""
+    objects = "".join(json.dumps(row) + "\n" for row in MIXED_ROWS)
+    csv_rows = "".join(",".join(str(r[c]).lower() for c in COLUMNS) + "\n" for r in MIXED_ROWS)
+    for body, content_type in (
+        (json.dumps({"dataframe_records": MIXED_ROWS}), "application/json"),
+        (objects, "application/jsonlines"),
+        (csv_rows, "text/csv; header=absent"),
+    ):
+        as_json = _post(sagemaker, "/invocations", body, content_type, Accept="application/json")
+        out = io.StringIO()
+        records = as_json.json()["predictions"]
+        csv.writer(out, lineterminator="\n").writerows(list(p.values()) for p in records)
+        assert '"float64,float32' in out.getvalue()  # a value with commas is quoted
+        answer = _post(sagemaker, "/invocations", body, content_type, Accept="text/csv")
+        assert answer.status == 200, (content_type, answer.body)
+        assert answer.headers["content-type"] == "text/csv"
+        assert answer.body.decode() == out.getvalue()
+    # Errors stay JSON, and so do the answers of clients that ask for no CSV.
+    refused = _post(sagemaker, "/invocations", "{oops", "application/json", Accept="text/csv")
+    assert refused.status == 400
+    assert refused.json()["error_code"] == "BAD_REQUEST"
+    assert sagemaker.request("GET", "/execution-parameters").status == 200
+    metrics = sagemaker.request("GET", "/metrics").body.decode()
+    assert 'path="/execution-parameters",status="200"}' in metrics

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -177,6 +178,37 @@ def test_model_ready_and_unknown_models(mixed: ServerProcess) -> None:
         assert "other" not in answer.json()["error"]  # the request's name is not echoed
     for path in ("/v2/models/other/infer", "/v2/models/mixed/versions/4/infer"):
         assert _infer(mixed, {"inputs": _columns(ROWS)}, path).status == 404
+
+
+def test_metrics_label_v2_requests_by_route(mixed: ServerProcess) -> None:
+    """A V2 path is counted under its route (the model's name and version folded in), not
+    as "other"; a path no route matches still is."""
+
+    def count(path: str, status: int) -> int:
+        metrics = mixed.request("GET", "/metrics").body.decode()
+        found = re.search(
+            rf'packager_requests_total\{{[^}}]*path="{re.escape(path)}",status="{status}"\}} (\d+)',
+            metrics,
+        )
+        return int(found.group(1)) if found else 0
+
+    requests = [
+        ("GET", "/v2/health/ready", "/v2/health/ready", 200),
+        ("GET", "/v2/health/live", "/v2/health/live", 200),
+        ("GET", "/v2", "/v2", 200),
+        ("GET", "/v2/models/mixed", "/v2/models/{name}", 200),
+        ("GET", "/v2/models/mixed/versions/3/ready", "/v2/models/{name}/ready", 200),
+        ("GET", "/v2/models/other/ready", "/v2/models/{name}/ready", 404),
+        ("POST", "/v2/models/mixed/versions/3/infer", "/v2/models/{name}/infer", 200),
+        ("GET", "/v2/models/mixed/extra/parts", "other", 404),
+    ]
+    for method, path, label, status in requests:
+        before = count(label, status)
+        if method == "POST":
+            assert _infer(mixed, {"inputs": _columns(ROWS)}, path).status == status
+        else:
+            assert mixed.request(method, path).status == status, path
+        assert count(label, status) == before + 1, (path, label)
 
 
 def test_infer_columns_like_invocations(mixed: ServerProcess) -> None:
