@@ -10,11 +10,14 @@ digest, its timestamp is the image's epoch). Pushing them is :mod:`packager.publ
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from cyclonedx.model import HashAlgorithm, HashType, Property
 from cyclonedx.model.bom import Bom, BomMetaData
@@ -34,6 +37,8 @@ STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
 BUILD_TYPE = "urn:packager:release:v1"
 BUILDER_ID = "urn:packager:builder"
+# The lock as packager writes it (pip's --require-hashes format plus packager's header).
+LOCK_MEDIA_TYPE = "text/x-packager-lock; charset=utf-8"
 # A fixed namespace for the SBOM's serial number (uuid5 of the image digest).
 _SERIAL_NAMESPACE = uuid.UUID("6f1c3f0e-4a8e-5b7c-9d2a-0c1b2a3d4e5f")
 
@@ -43,6 +48,25 @@ class DebianPackage:
     name: str
     version: str
     architecture: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildOptions:
+    """The options besides the model, lock and base that decide an image's bytes: what a
+    rebuild must pass again (``packager rebuild`` reads them from the provenance)."""
+
+    bytecode: bool = True
+    keep_tests: bool = False
+    mlflow_skinny: bool = False
+    ignore_conda: bool = False
+
+    def as_json(self) -> dict[str, bool]:
+        return {
+            "bytecode": self.bytecode,
+            "keepTests": self.keep_tests,
+            "mlflowSkinny": self.mlflow_skinny,
+            "ignoreConda": self.ignore_conda,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +83,10 @@ class ImageFacts:
     base_digest: str
     wheels: tuple[WheelFile, ...]
     debian: tuple[DebianPackage, ...]
+    # The lock itself travels in the provenance (its digest alone would not let anyone
+    # rebuild: a new resolution may pick newer releases), and the build options with it.
+    lock_text: str = ""
+    options: BuildOptions = field(default_factory=BuildOptions)
 
 
 def dpkg_packages(status: str) -> tuple[DebianPackage, ...]:
@@ -129,6 +157,7 @@ def provenance_statement(facts: ImageFacts) -> bytes:
                     "modelName": facts.provenance.model_name,
                     "modelVersion": facts.provenance.model_version,
                     "baseImage": facts.base_reference,
+                    "options": facts.options.as_json(),
                 },
                 "resolvedDependencies": [
                     {
@@ -136,7 +165,14 @@ def provenance_statement(facts: ImageFacts) -> bytes:
                         "name": "model",
                         "digest": _digest_set(facts.provenance.content_digest),
                     },
-                    {"name": "lock", "digest": _digest_set(facts.lock_digest)},
+                    {
+                        "name": "lock",
+                        "digest": _digest_set(facts.lock_digest),
+                        "mediaType": LOCK_MEDIA_TYPE,
+                        "content": base64.b64encode(facts.lock_text.encode()).decode(),
+                    }
+                    if facts.lock_text
+                    else {"name": "lock", "digest": _digest_set(facts.lock_digest)},
                     {
                         "uri": facts.base_reference,
                         "name": "base",
@@ -266,3 +302,71 @@ def check(
     if lock is not None and resolved.get("lock") != _digest_set(lock):
         problems.append(f"the provenance's lock is {resolved.get('lock')}, the label says {lock}")
     return tuple(problems)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Recipe:
+    """What a provenance statement says the image was built from."""
+
+    subject: str  # sha256:… of the image
+    model_uri: str
+    model_digest: str
+    base_reference: str
+    base_digest: str
+    lock_digest: str
+    lock_text: str
+    options: BuildOptions
+
+
+class ProvenanceError(ValueError):
+    """A provenance statement that does not say how to rebuild its image."""
+
+
+def recipe_from(statement_document: bytes) -> Recipe:
+    """Read back what :func:`provenance_statement` wrote; the lock's content is checked
+    against its digest."""
+    try:
+        statement = json.loads(statement_document)
+    except ValueError as err:
+        raise ProvenanceError(f"the provenance is not JSON: {err}") from err
+    if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != (
+        SLSA_PROVENANCE
+    ):
+        raise ProvenanceError("the provenance is not an in-toto Statement of SLSA Provenance v1")
+    definition: dict[str, Any] = statement.get("predicate", {}).get("buildDefinition", {})
+    if definition.get("buildType") != BUILD_TYPE:
+        raise ProvenanceError(
+            f"the provenance's build type is {definition.get('buildType')!r}, not packager's"
+        )
+    params: dict[str, Any] = definition.get("externalParameters", {})
+    resolved = {d.get("name"): d for d in definition.get("resolvedDependencies", [])}
+    missing = [n for n in ("model", "lock", "base") if n not in resolved]
+    if missing or "model" not in params or "baseImage" not in params:
+        raise ProvenanceError(f"the provenance names no {', '.join(missing) or 'parameters'}")
+    lock = resolved["lock"]
+    if "content" not in lock:
+        raise ProvenanceError(
+            "the provenance records the lock's digest but not the lock itself (an earlier "
+            "packager released this image), so the build cannot be repeated from it"
+        )
+    lock_text = base64.b64decode(lock["content"]).decode()
+    lock_digest = "sha256:" + lock.get("digest", {}).get("sha256", "")
+    if "sha256:" + hashlib.sha256(lock_text.encode()).hexdigest() != lock_digest:
+        raise ProvenanceError("the lock in the provenance does not match its digest")
+    options = params.get("options", {})
+    subjects = statement.get("subject") or [{}]
+    return Recipe(
+        subject="sha256:" + subjects[0].get("digest", {}).get("sha256", ""),
+        model_uri=str(params["model"]),
+        model_digest="sha256:" + resolved["model"].get("digest", {}).get("sha256", ""),
+        base_reference=str(params["baseImage"]),
+        base_digest="sha256:" + resolved["base"].get("digest", {}).get("sha256", ""),
+        lock_digest=lock_digest,
+        lock_text=lock_text,
+        options=BuildOptions(
+            bytecode=bool(options.get("bytecode", True)),
+            keep_tests=bool(options.get("keepTests", False)),
+            mlflow_skinny=bool(options.get("mlflowSkinny", False)),
+            ignore_conda=bool(options.get("ignoreConda", False)),
+        ),
+    )

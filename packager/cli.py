@@ -792,6 +792,15 @@ def _add_release_command(commands: Any, parents: list[argparse.ArgumentParser]) 
         help="push no SBOM and provenance (by default both are pushed, tagged "
         "sha256-<hex>.sbom and sha256-<hex>.att, with the image as their subject)",
     )
+    release.add_argument(
+        "--manifests",
+        dest="manifests_dir",
+        type=Path,
+        metavar="DIR",
+        help="write Kubernetes manifests for the pushed digest into DIR/NAME (NAME: the "
+        "model's name), sized from the test, as `packager manifests` writes them; a "
+        "previous release's files there are replaced",
+    )
     release.set_defaults(handler=_release)
     attestations = commands.add_parser(
         "attestations",
@@ -807,6 +816,39 @@ def _add_release_command(commands: Any, parents: list[argparse.ArgumentParser]) 
     attestations.add_argument("image", metavar="REGISTRY/REPO@sha256:DIGEST")
     attestations.add_argument("-o", "--output", type=Path, metavar="DIR", help="write them here")
     attestations.set_defaults(handler=_attestations)
+    rebuild = commands.add_parser(
+        "rebuild",
+        parents=parents[:2],
+        help="rebuild a released image from its provenance and compare digests",
+        description="Read the provenance pushed next to IMAGE (by `packager release`), fetch "
+        "the same model version, lock and base digest, build again from empty caches with "
+        "the OCI backend, and report whether the manifest digest is the same (and, if not, "
+        "the first differing layer and file). Exit 19 when the digests differ, 26 when the "
+        "provenance cannot be followed (the model version's files or the base changed).",
+        epilog="example:\n  packager rebuild registry.example.com/wine@sha256:... "
+        "--base-image packager-base:3.11\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    rebuild.add_argument("image", metavar="REGISTRY/REPO@sha256:DIGEST")
+    rebuild.add_argument(
+        "--base-image",
+        metavar="REF",
+        help="where to get the recorded base from, if not from the reference it was built "
+        "from (it must have the recorded digest)",
+    )
+    rebuild.add_argument("--index-url", metavar="URL", help="package index (as for build)")
+    rebuild.add_argument(
+        "--extra-index-url", action="append", default=[], metavar="URL", help="repeatable"
+    )
+    rebuild.add_argument(
+        "--wheel-dir",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="wheels the indexes lack, as given to the release; repeatable",
+    )
+    rebuild.set_defaults(handler=_rebuild)
 
 
 def _release(args: argparse.Namespace) -> int:
@@ -839,11 +881,13 @@ def _release(args: argparse.Namespace) -> int:
             force=args.force,
             attestations=args.attestations,
             attestations_dir=args.attestations_dir,
+            manifests_dir=args.manifests_dir,
         ),
         registry=source["options"],
         cache=source["cache"],
         cache_root=args.cache_dir,
         progress=source["progress"],
+        announce=lambda line: log.info("%s", line),
     )
     failed = [r for r in results if isinstance(r, release.Failure)]
     if args.json:
@@ -862,6 +906,10 @@ def _release(args: argparse.Namespace) -> int:
                 if result.status == "already released":
                     tested = "nothing to do"
                 sys.stdout.write(f"{result.model}: {result.status} {result.image} ({tested})\n")
+                if result.manifests is not None:
+                    sys.stdout.write(f"  manifests in {result.manifests.directory}\n")
+                elif result.manifests_skipped is not None:
+                    sys.stdout.write(f"  no manifests: {result.manifests_skipped}\n")
     return failed[0].exit_code if failed else 0
 
 
@@ -878,6 +926,33 @@ def _attestations(args: argparse.Namespace) -> int:
             sys.stdout.write(f"MISMATCH: {problem}\n")
         sys.stdout.write("verified\n" if checked.verified else "NOT verified\n")
     return 0 if checked.verified else 20
+
+
+def _rebuild(args: argparse.Namespace) -> int:
+    from packager import rebuild  # noqa: PLC0415 - only this command needs it
+
+    source = _source(args)
+    report = rebuild.rebuild(
+        args.image,
+        base_image=args.base_image,
+        registry=source["options"],
+        index=IndexOptions.from_environment(
+            index_url=args.index_url,
+            extra_index_urls=tuple(args.extra_index_url),
+            wheel_dirs=tuple(d.resolve() for d in args.wheel_dir),
+        ),
+        progress=source["progress"],
+    )
+    if args.json:
+        _print_json(to_jsonable(report))
+    elif report.reproducible:
+        sys.stdout.write(f"reproduced: {report.model} rebuilds to {report.rebuilt}\n")
+    else:
+        sys.stdout.write(
+            f"NOT reproduced: {report.model} rebuilds to {report.rebuilt}, not "
+            f"{report.image.partition('@')[2]}\nfirst difference: {report.first_difference}\n"
+        )
+    return 0 if report.reproducible else 19
 
 
 def _base_build(args: argparse.Namespace) -> int:

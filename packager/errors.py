@@ -204,6 +204,13 @@ class RecordError(PackagerError):
     exit_code = 25
 
 
+class RebuildError(PackagerError):
+    """``packager rebuild``: the image's provenance cannot be followed (missing,
+    unreadable, or an input that is no longer what it names)."""
+
+    exit_code = 26
+
+
 ALL_ERRORS: tuple[type[PackagerError], ...] = (
     UsageError,
     ModelNotFoundError,
@@ -229,4 +236,5 @@ ALL_ERRORS: tuple[type[PackagerError], ...] = (
     ImageNotFoundError,
     ForeignImageError,
     RecordError,
+    RebuildError,
 )

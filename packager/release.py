@@ -22,7 +22,7 @@ import logging
 import re
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Literal
 
 from packager import __version__, api, attest, publish, record
 from packager.cache import ModelCache, default_cache_root
+from packager.deploy import inputs as deploy_inputs
+from packager.deploy import manifests as deploy_manifests
 from packager.env.wheelhouse import build_wheelhouse
 from packager.errors import ImageTestError, PackagerError, UsageError
 from packager.image import bases, blobs, engine
@@ -59,6 +61,9 @@ class ReleaseOptions:
     force: bool = False
     attestations: bool = True  # push an SBOM and a provenance statement next to the image
     attestations_dir: Path | None = None  # also write them here
+    # Write Kubernetes manifests for the pushed digest into DIR/NAME (NAME: the model's
+    # name as a DNS label), sized from the release's test.
+    manifests_dir: Path | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,17 +88,22 @@ class ReleaseReport:
     test: TestReport | None
     recorded: record.Recorded | None
     attestations: tuple[publish.PushedAttestation, ...]
+    manifests: deploy_manifests.Written | None
+    manifests_skipped: str | None  # why --manifests wrote nothing
     steps: tuple[Step, ...]
 
 
 class _Timer:
-    """Each step's wall time, for the report."""
+    """Each step's wall time, for the report; each step announced as it starts."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_step: Callable[[str], None] | None = None) -> None:
         self.steps: list[Step] = []
+        self.on_step = on_step
 
     @contextmanager
     def __call__(self, name: str) -> Iterator[None]:
+        if self.on_step is not None:
+            self.on_step(name)
         start = time.monotonic()
         try:
             yield
@@ -110,10 +120,18 @@ def release_model(
     cache_root: Path | None = None,
     progress: Progress | None = None,
     cwd: Path | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> ReleaseReport:
-    """Release ``reference`` (a registered model version) to ``options.tags``."""
+    """Release ``reference`` (a registered model version) to ``options.tags``;
+    ``on_step`` hears each step's name as it starts (the CLI's one-line-per-step display)."""
     _check_tags(options.tags)
-    timer = _Timer()
+    if options.manifests_dir is not None and not options.test:
+        raise UsageError(
+            "--manifests is sized from the release's test, and --no-test skips it",
+            hint="drop --no-test, or run `packager manifests IMAGE --startup-seconds S "
+            "--memory M` after the release",
+        )
+    timer = _Timer(on_step)
     with timer("source"):
         ref = parse_reference(reference, cwd=cwd or Path.cwd())
         sourced = fetch_model(ref, options=registry, cache=cache, progress=progress)
@@ -133,7 +151,16 @@ def release_model(
                 with timer("record"):
                     moved = record.move_alias(version, options.alias, image=recorded)
             return _report(
-                reference, version, recipe, timer, image=recorded, tags=(), recorded=moved
+                reference,
+                version,
+                recipe,
+                timer,
+                image=recorded,
+                tags=(),
+                recorded=moved,
+                manifests_skipped=_skip_manifests(
+                    options, "already released: the first release wrote them"
+                ),
             )
     will_test = options.test and engine.reachable()
     with timer("build"):
@@ -180,11 +207,18 @@ def release_model(
     if options.attestations:
         with timer("attest"):
             attested = _attest(
-                pinned, sourced, inputs, epoch, options.attestations_dir, cache_root=root
+                pinned,
+                sourced,
+                inputs,
+                epoch,
+                options.attestations_dir,
+                image=options.image,
+                cache_root=root,
             )
     with timer("record"):
         tags = {record.IMAGE_TAG: pinned, **recipe}
         recorded_here = record.record_release(version, tags, alias=options.alias, image=pinned)
+    written, skipped = _manifests_step(options, test_report, pinned, timer)
     return _report(
         reference,
         version,
@@ -196,6 +230,8 @@ def release_model(
         skipped=None if will_test else _why_untested(options),
         recorded=recorded_here,
         attestations=attested,
+        manifests=written,
+        manifests_skipped=skipped,
     )
 
 
@@ -276,6 +312,7 @@ def _attest(
     epoch: int,
     directory: Path | None,
     *,
+    image: api.ImageOptions,
     cache_root: Path,
 ) -> tuple[publish.PushedAttestation, ...]:
     """The SBOM and the provenance statement of the pushed image, pushed next to it (and
@@ -297,6 +334,13 @@ def _attest(
         base_digest=inputs.base.digest,
         wheels=tuple(sorted(wheelhouse.files, key=lambda w: w.name)),
         debian=attest.dpkg_packages(status.read_text()) if status.is_file() else (),
+        lock_text=lock.render(),
+        options=attest.BuildOptions(
+            bytecode=image.bytecode,
+            keep_tests=image.keep_tests,
+            mlflow_skinny=image.lock.mlflow_skinny,
+            ignore_conda=image.lock.ignore_conda,
+        ),
     )
     documents = (
         ("sbom", attest.SBOM_MEDIA_TYPE, attest.sbom(facts)),
@@ -348,6 +392,51 @@ def _push(options: ReleaseOptions, manifest_digest: str, store: blobs.BlobStore)
     return pinned[0]
 
 
+def _manifests_step(
+    options: ReleaseOptions, report: TestReport | None, pinned: str, timer: _Timer
+) -> tuple[deploy_manifests.Written | None, str | None]:
+    """``--manifests``: what was written, or why nothing was."""
+    if options.manifests_dir is None:
+        return None, None
+    measured = _measured(report)
+    if isinstance(measured, str):
+        return None, _skip_manifests(options, measured)
+    with timer("manifests"):
+        return _write_manifests(pinned, measured, options.manifests_dir), None
+
+
+def _measured(report: TestReport | None) -> deploy_inputs.Measured | str:
+    """The test's start-up time and memory, or why there are none."""
+    if report is None:
+        return "the image was not tested (no Docker engine answers), so nothing was measured"
+    if report.memory_bytes is None:
+        return "the test could not read the container's memory (docker stats)"
+    return deploy_inputs.Measured(
+        startup_seconds=report.startup_seconds,
+        memory_bytes=report.memory_bytes,
+        source="packager release's test",
+    )
+
+
+def _skip_manifests(options: ReleaseOptions, why: str) -> str | None:
+    if options.manifests_dir is None:
+        return None
+    log.warning("--manifests: none written: %s", why)
+    return why
+
+
+def _write_manifests(
+    pinned: str, measured: deploy_inputs.Measured, directory: Path
+) -> deploy_manifests.Written:
+    """The default manifests (``packager manifests``' defaults) for the pushed digest, in
+    DIR/NAME; a previous release's files there are replaced (the release owns them)."""
+    image = deploy_inputs.read_image(pinned)
+    name = deploy_manifests.resource_name(None, dict(image.labels)[deploy_inputs.MODEL_LABEL])
+    return deploy_manifests.write_manifests(
+        image, measured, deploy_manifests.ManifestOptions(), directory / name, force=True
+    )
+
+
 def _why_untested(options: ReleaseOptions) -> str:
     if not options.test:
         return "--no-test"
@@ -366,6 +455,8 @@ def _report(
     skipped: str | None = None,
     recorded: record.Recorded | None = None,
     attestations: tuple[publish.PushedAttestation, ...] = (),
+    manifests: deploy_manifests.Written | None = None,
+    manifests_skipped: str | None = None,
 ) -> ReleaseReport:
     return ReleaseReport(
         model=reference,
@@ -382,6 +473,8 @@ def _report(
         test=test,
         recorded=recorded,
         attestations=attestations,
+        manifests=manifests,
+        manifests_skipped=manifests_skipped,
         steps=tuple(timer.steps),
     )
 
@@ -401,11 +494,18 @@ def release_models(
     cache: ModelCache | None = None,
     cache_root: Path | None = None,
     progress: Progress | None = None,
+    announce: Callable[[str], None] | None = None,
 ) -> tuple[ReleaseReport | Failure, ...]:
     """Release each reference in turn (they share the lock, wheel and layer caches); one
-    failure is reported and the others still run."""
+    failure is reported and the others still run. ``announce`` hears a line per step:
+    ``[2/3] models:/b/1: build``."""
     results: list[ReleaseReport | Failure] = []
-    for reference in references:
+    for number, reference in enumerate(references, 1):
+
+        def on_step(step: str, where: str = f"[{number}/{len(references)}] {reference}") -> None:
+            if announce is not None:
+                announce(f"{where}: {step}")
+
         try:
             results.append(
                 release_model(
@@ -415,6 +515,7 @@ def release_models(
                     cache=cache,
                     cache_root=cache_root,
                     progress=progress,
+                    on_step=on_step,
                 )
             )
         except PackagerError as err:

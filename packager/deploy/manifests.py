@@ -115,7 +115,7 @@ class Written:
 def plan_manifests(image: ImageFacts, measured: Measured, options: ManifestOptions) -> Plan:
     """The files to write, as objects, and the sizing they follow; no I/O."""
     labels = dict(image.labels)
-    name = _name(options.name, labels[MODEL_LABEL])
+    name = resource_name(options.name, labels[MODEL_LABEL])
     if options.namespace is not None and not _NAMESPACE.match(options.namespace):
         raise UsageError(f"--namespace {options.namespace!r} is not a DNS label")
     _check_replicas(options)
@@ -141,7 +141,8 @@ def plan_manifests(image: ImageFacts, measured: Measured, options: ManifestOptio
     return Plan(name=name, files={**files, "kustomization.yaml": kustomization}, sizing=sizing)
 
 
-def _name(given: str | None, model: str) -> str:
+def resource_name(given: str | None, model: str) -> str:
+    """``given`` (checked), else the model's name made a DNS label."""
     if given is not None:
         if not _DNS_LABEL.match(given):
             raise UsageError(

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from packager import attest, publish, record
 from packager.cli import main
@@ -36,6 +37,7 @@ def test_release_then_already_released(
     repository = f"{local_registry}/released"
     argv = ["release", MODEL, "-t", repository, "--base-image", base_image]
     argv += ["--alias", "live", "--attestations-dir", str(tmp_path), "--json"]
+    argv += ["--manifests", str(tmp_path / "deploy")]
     started = time.monotonic()
     code = main(argv)
     first_seconds = time.monotonic() - started
@@ -57,7 +59,15 @@ def test_release_then_already_released(
         "push",
         "attest",
         "record",
+        "manifests",
     ]
+    # The manifests run the pushed digest, sized from the test's own measurements.
+    assert report["manifests"]["directory"] == str(tmp_path / "deploy" / "pyfunc-code")
+    deployment = yaml.safe_load((tmp_path / "deploy/pyfunc-code/deployment.yaml").read_text())
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == report["image"]
+    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+    assert report["manifests"]["measured_from"] == "packager release's test"
 
     # What the registries hold: the image by digest, the version's tags and the alias.
     assert publish.manifest_exists(report["image"])
@@ -88,6 +98,7 @@ def test_release_then_already_released(
     assert again["recorded"]["alias"] == "live"
     assert "build" not in [s["name"] for s in again["steps"]]
     assert "push" not in [s["name"] for s in again["steps"]]
+    assert again["manifests_skipped"] == "already released: the first release wrote them"
     # Timings are printed (README's figures), never asserted: they depend on the machine.
     print(f"release: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
 

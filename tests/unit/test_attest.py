@@ -145,3 +145,57 @@ def test_check_accepts_its_own_attestations_and_names_each_mismatch() -> None:
     )
     wrong_lock = labels | {"io.packager.lock.digest": "sha256:" + "9" * 64}
     assert len(attest.check(DIGEST, wrong_lock, sbom, statement)) == 1
+
+
+LOCK_TEXT = "# packager lock\nnumpy==2.1.3 \\\n    --hash=sha256:" + "9" * 64 + "\n"
+
+
+def with_lock() -> attest.ImageFacts:
+    import hashlib
+
+    digest = "sha256:" + hashlib.sha256(LOCK_TEXT.encode()).hexdigest()
+    return replace(
+        facts(),
+        lock_digest=digest,
+        lock_text=LOCK_TEXT,
+        options=attest.BuildOptions(bytecode=False, keep_tests=True, mlflow_skinny=True),
+    )
+
+
+def test_the_provenance_carries_what_a_rebuild_needs() -> None:
+    recipe = attest.recipe_from(attest.provenance_statement(with_lock()))
+    assert recipe.subject == DIGEST
+    assert recipe.model_uri == "models:/wine/3"
+    assert recipe.model_digest == "sha256:" + "c" * 64
+    assert (recipe.base_reference, recipe.base_digest) == (
+        "packager-test-base:3.11",
+        "sha256:" + "2" * 64,
+    )
+    assert recipe.lock_text == LOCK_TEXT
+    assert recipe.lock_digest == with_lock().lock_digest
+    assert recipe.options == attest.BuildOptions(
+        bytecode=False, keep_tests=True, mlflow_skinny=True
+    )
+
+
+def test_a_provenance_that_cannot_be_followed_says_why() -> None:
+    import pytest
+
+    # Without the lock's text (only its digest): no rebuild from a new resolution.
+    with pytest.raises(attest.ProvenanceError, match="not the lock itself"):
+        attest.recipe_from(attest.provenance_statement(facts()))
+    # A lock whose text was altered no longer matches its recorded digest.
+    statement = json.loads(attest.provenance_statement(with_lock()))
+    lock = next(
+        d
+        for d in statement["predicate"]["buildDefinition"]["resolvedDependencies"]
+        if d["name"] == "lock"
+    )
+    lock["content"] = lock["content"][:-4] + "AAo="
+    with pytest.raises(attest.ProvenanceError, match="does not match its digest"):
+        attest.recipe_from(json.dumps(statement).encode())
+    with pytest.raises(attest.ProvenanceError, match="not JSON"):
+        attest.recipe_from(b"{")
+    statement["predicate"]["buildDefinition"]["buildType"] = "https://example.com/other"
+    with pytest.raises(attest.ProvenanceError, match="not packager's"):
+        attest.recipe_from(json.dumps(statement).encode())

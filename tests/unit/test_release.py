@@ -9,9 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from packager import api, publish, record, release, verify
 from packager.cli import main
+from packager.deploy import inputs as deploy_inputs
+from packager.deploy.inputs import ImageFacts
 from packager.errors import ImageTestError, RecordError, UsageError
 from packager.image import engine
 from packager.source import Provenance, RegistryOptions
@@ -185,6 +188,15 @@ def test_build_test_push_record_in_that_order(monkeypatch: pytest.MonkeyPatch) -
     ]
 
 
+def test_each_step_is_announced_as_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    FakeRelease(monkeypatch)
+    heard: list[str] = []
+    results = release.release_models(("models:/wine/3",), OPTIONS, announce=heard.append)
+    assert [s.name for s in results[0].steps] == [h.rpartition(": ")[2] for h in heard]  # type: ignore[union-attr]
+    assert heard[0] == "[1/1] models:/wine/3: source"
+    assert heard[3] == "[1/1] models:/wine/3: build"
+
+
 def test_a_failed_test_pushes_and_records_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeRelease(monkeypatch, passes=False)
     with pytest.raises(ImageTestError, match="nothing was pushed"):
@@ -237,6 +249,91 @@ def test_one_failure_does_not_stop_the_others(monkeypatch: pytest.MonkeyPatch) -
     assert isinstance(results[0], release.Failure)
     assert results[0].exit_code == ImageTestError.exit_code
     assert isinstance(results[1], release.ReleaseReport)
+
+
+# -- --manifests: the pushed digest, sized from the release's test -------------------------
+
+
+def _with_manifests(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeRelease:
+    """A release whose test measured memory, and a registry that serves the image's config
+    (what ``packager.deploy.inputs.read_image`` reads)."""
+    fake = FakeRelease(monkeypatch)
+
+    def verify_with_memory(image: str, **kwargs: Any) -> verify.TestReport:
+        return replace(fake.verify(image, **kwargs), startup_seconds=14.0, memory_bytes=2**28)
+
+    def read_image(reference: str) -> ImageFacts:
+        fake.calls.append(f"read {reference}")
+        labels = (("io.packager.model.name", "wine"), ("io.packager.model.version", "3"))
+        return ImageFacts(reference=reference, uid=10001, gid=10001, labels=labels)
+
+    monkeypatch.setattr(release, "verify_image", verify_with_memory)
+    monkeypatch.setattr(deploy_inputs, "read_image", read_image)
+    return fake
+
+
+def test_manifests_are_written_for_the_pushed_digest(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    fake = _with_manifests(monkeypatch, tmp_path)
+    options = replace(OPTIONS, manifests_dir=tmp_path / "deploy")
+    report = release.release_model("models:/wine/3", options)
+    pinned = "127.0.0.1:5000/wine@sha256:" + "d" * 64
+    assert fake.calls[-1] == f"read {pinned}"  # after the record: the digest is final
+    assert [s.name for s in report.steps][-2:] == ["record", "manifests"]
+    assert report.manifests is not None
+    assert report.manifests_skipped is None
+    assert report.manifests.directory == tmp_path / "deploy" / "wine"
+    assert "deployment.yaml" in report.manifests.files
+    # Sized from the test: 256 MiB x 1.5, and 3 x 14 s rounded up to the 5 s period.
+    assert report.manifests.sizing.memory == "384Mi"
+    assert report.manifests.sizing.startup_budget_seconds == 45
+    deployment = yaml.safe_load((tmp_path / "deploy" / "wine" / "deployment.yaml").read_text())
+    assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == pinned
+    # A release again (forced) replaces the previous release's files.
+    assert release.release_model("models:/wine/3", replace(options, force=True)).manifests
+
+
+def test_manifests_of_an_already_released_version_say_why_none_were_written(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _with_manifests(monkeypatch, tmp_path)
+    release.release_model("models:/wine/3", OPTIONS)
+    again = release.release_model(
+        "models:/wine/3", replace(OPTIONS, manifests_dir=tmp_path / "deploy")
+    )
+    assert again.status == "already released"
+    assert again.manifests is None
+    assert again.manifests_skipped == "already released: the first release wrote them"
+    assert not (tmp_path / "deploy").exists()
+
+
+def test_manifests_need_the_test_and_are_refused_with_no_test_before_anything_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = _with_manifests(monkeypatch, tmp_path)
+    argv = ["release", "models:/wine/3", "-t", "127.0.0.1:5000/wine", "--no-test"]
+    assert main([*argv, "--manifests", str(tmp_path / "deploy")]) == UsageError.exit_code
+    assert "--no-test skips it" in capsys.readouterr().err
+    assert fake.calls == []
+
+
+def test_the_json_report_lists_the_manifests(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _with_manifests(monkeypatch, tmp_path)
+    argv = ["release", "models:/wine/3", "-t", "127.0.0.1:5000/wine", "--json"]
+    assert main([*argv, "--manifests", str(tmp_path / "deploy")]) == 0
+    (report,) = json.loads(capsys.readouterr().out)["releases"]
+    assert report["manifests"]["directory"] == str(tmp_path / "deploy" / "wine")
+    assert report["manifests"]["files"] == [
+        "deployment.yaml",
+        "horizontalpodautoscaler.yaml",
+        "kustomization.yaml",
+        "poddisruptionbudget.yaml",
+        "service.yaml",
+    ]
+    assert report["manifests_skipped"] is None
 
 
 # -- recording into a real SQLite registry ----------------------------------------------
