@@ -142,6 +142,51 @@ def serve_command(
 
 
 @dataclass(frozen=True, kw_only=True)
+class PredictOptions:
+    input: Path
+    output: Path
+    content_type: str | None = None  # csv, json, jsonl, parquet; default: the suffix's
+    workers: int | None = None
+    chunk_rows: int | None = None
+
+
+def predict_command(
+    reference: str,
+    predict: PredictOptions,
+    *,
+    options: RegistryOptions | None = None,
+    cache: ModelCache | None = None,
+    progress: Progress | None = None,
+    cwd: Path | None = None,
+) -> ServeCommand:
+    """Fetch the model and build the command line of ``packager_server predict`` for it:
+    the image's batch scoring (``docker run IMAGE predict``), run in this environment."""
+    missing = [m for m in _SERVER_MODULES[1:] if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(
+            f"packager predict scores in this Python environment, which lacks {', '.join(missing)}",
+            hint="pip install 'mlflow-packager[server]' (and the model's own requirements: "
+            "packager inspect lists them)",
+        )
+    ref = parse_reference(reference, cwd=cwd or Path.cwd())
+    sourced = fetch_model(ref, options=options, cache=cache, progress=progress)
+    read_spec(sourced.path, sourced.files)  # refuse unservable models before loading
+    prov = sourced.provenance
+    argv = [sys.executable, "-m", "packager_server", "predict", "--model-dir", str(sourced.path)]
+    argv += ["--input", str(predict.input), "--output", str(predict.output)]
+    for flag, value in (
+        ("--content-type", predict.content_type),
+        ("--workers", predict.workers),
+        ("--chunk-rows", predict.chunk_rows),
+        ("--model-name", prov.model_name),
+        ("--model-version", prov.model_version),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    return ServeCommand(argv=tuple(argv), provenance=prov)
+
+
+@dataclass(frozen=True, kw_only=True)
 class LockOptions:
     resolver: str = "uv"
     python: str | None = None  # default: the model's

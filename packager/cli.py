@@ -188,6 +188,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "(default: text)",
     )
     serve.set_defaults(handler=_serve)
+    _add_predict_command(commands, common, registry)
     _add_manifests_command(commands, common, registry)
     return parser
 
@@ -986,6 +987,58 @@ def _serve(args: argparse.Namespace) -> int:
     log.info("serving %s on http://%s:%d", args.model, args.host, args.port)
     sys.stderr.flush()
     # Replace this process: signals (SIGTERM, Ctrl-C) and the exit code are the server's.
+    os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
+    return 0  # pragma: no cover - execv does not return
+
+
+def _add_predict_command(
+    commands: Any, common: argparse.ArgumentParser, registry: argparse.ArgumentParser
+) -> None:
+    predict = commands.add_parser(
+        "predict",
+        parents=[common, registry],
+        help="score a file with a model (the image's `predict`, in this environment)",
+        description="Fetch the model (cached) and score a CSV, JSON lines, JSON or Parquet "
+        "file with packager_server's batch scoring in this Python environment, which must "
+        "have the model's requirements installed: the same code as `docker run IMAGE "
+        "predict`, through the same parsing as POST /invocations. Streams in chunks; "
+        "writes one prediction per row (CSV for CSV input, JSON lines otherwise), "
+        "atomically.",
+        epilog="examples:\n  packager predict models:/wine@champion -i wine.csv -o scored.csv\n"
+        "  packager predict ./model -i rows.jsonl -o predictions.jsonl --workers 4\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    predict.add_argument("model", metavar="MODEL", help=_MODEL_HELP)
+    predict.add_argument("-i", "--input", type=Path, required=True, help="the file to score")
+    predict.add_argument("-o", "--output", type=Path, required=True, help="the predictions")
+    predict.add_argument(
+        "-t",
+        "--content-type",
+        choices=["csv", "json", "jsonl", "parquet"],
+        help="the input's format (default: from its suffix)",
+    )
+    predict.add_argument("--workers", type=int, help="processes (default: the CPU limit)")
+    predict.add_argument("--chunk-rows", type=int, help="rows per prediction call")
+    predict.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    command = api.predict_command(
+        args.model,
+        api.PredictOptions(
+            input=args.input,
+            output=args.output,
+            content_type=args.content_type,
+            workers=args.workers,
+            chunk_rows=args.chunk_rows,
+        ),
+        **_source(args),
+    )
+    if args.json:
+        _print_json({"argv": list(command.argv), "provenance": to_jsonable(command.provenance)})
+        sys.stdout.flush()
+    sys.stderr.flush()
+    # Replace this process: the exit code and the messages are packager_server's.
     os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
     return 0  # pragma: no cover - execv does not return
 

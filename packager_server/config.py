@@ -134,7 +134,8 @@ def parser() -> argparse.ArgumentParser:
         prog="packager_server",
         description="Serve an MLflow pyfunc model with MLflow's scoring protocol.",
         epilog="Every flag also has an environment variable; see the module docstring of "
-        "packager_server.config or the README.",
+        "packager_server.config or the README. To score a file instead of serving: "
+        "python -m packager_server predict --help.",
     )
     p.add_argument(
         "command",

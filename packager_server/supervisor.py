@@ -365,13 +365,8 @@ class Supervisor:
         reason = os.environ.pop(_REASON_ENV, "")
         if self.config.serving_mode != "auto":
             return self.config.serving_mode, reason or f"--serving-mode {self.config.serving_mode}"
-        unsafe = sorted(FORK_UNSAFE_FLAVORS & _flavors(self.config.model_dir))
-        if unsafe:
-            return "spawn", (
-                f"the model's {', '.join(unsafe)} runtime keeps thread pools that do not "
-                "survive a fork"
-            )
-        return "fork", ""
+        unsafe = fork_unsafe_reason(self.config.model_dir)
+        return ("spawn", unsafe) if unsafe else ("fork", "")
 
     def _respawn_in_spawn_mode(self, sock: socket.socket, reason: str) -> None:
         """Start over as a supervisor in spawn mode, without this process's copy of the
@@ -809,6 +804,14 @@ def _threads() -> dict[int, str]:
         except OSError:  # ended meanwhile
             continue
     return found
+
+
+def fork_unsafe_reason(model_dir: Path) -> str | None:
+    """Why the model's flavors rule out forking from a loaded copy, or None."""
+    unsafe = sorted(FORK_UNSAFE_FLAVORS & _flavors(model_dir))
+    if not unsafe:
+        return None
+    return f"the model's {', '.join(unsafe)} runtime keeps thread pools that do not survive a fork"
 
 
 def _flavors(model_dir: Path) -> set[str]:

@@ -1,0 +1,287 @@
+"""Batch scoring (packager_server.batch): chunking, row numbers, atomic output; then the
+real command on a real model."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from packager_server import batch, batch_input
+from packager_server.batch import atomic_output, score_chunk
+from packager_server.batch_input import BatchError, Chunk, read_chunks
+from packager_server.scoring import Answer, error_answer
+from tests.server.conftest import wait_until
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_bytes(text.encode())
+    return path
+
+
+# -- chunking -------------------------------------------------------------------------------
+
+
+def test_csv_chunks_keep_the_header_and_count_rows_across_quoted_line_breaks(
+    tmp_path: Path,
+) -> None:
+    source = _write(tmp_path / "in.csv", 'a,b\n1,"x\ny"\n2,"say ""hi"""\n\n3,z\n4,w')
+    chunks = list(read_chunks(source, "csv", 2))
+    assert [(c.first_row, c.rows) for c in chunks] == [(1, 2), (3, 2)]
+    assert all(c.header == b"a,b\n" for c in chunks)
+    assert chunks[0].records == (b'1,"x\ny"\n', b'2,"say ""hi"""\n')
+    assert chunks[1].records == (b"3,z\n", b"4,w\n")  # the last line gets its line break
+
+
+def test_a_csv_file_ending_inside_quotes_is_an_error(tmp_path: Path) -> None:
+    source = _write(tmp_path / "in.csv", 'a\n"open\n')
+    with pytest.raises(BatchError, match="ends inside a quoted CSV field"):
+        list(read_chunks(source, "csv", 10))
+
+
+def test_json_lines_skip_blank_lines(tmp_path: Path) -> None:
+    source = _write(tmp_path / "in.jsonl", '{"x": 1}\n\n  \n{"x": 2}\n{"x": 3}')
+    chunks = list(read_chunks(source, "jsonl", 2))
+    assert [(c.first_row, c.records) for c in chunks] == [
+        (1, (b'{"x": 1}\n', b'{"x": 2}\n')),
+        (3, (b'{"x": 3}\n',)),
+    ]
+
+
+def test_a_json_array_is_streamed_element_by_element(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_input, "_READ_BLOCK", 5)  # elements and numbers cut across blocks
+    rows: list[Any] = [
+        {"x": 1.25, "s": "a, \u00e9 ]"},
+        [1, 2],
+        {"x": 123456789},
+        {"nested": {"a": [1]}},
+    ]
+    source = _write(tmp_path / "in.json", json.dumps(rows, indent=2))
+    chunks = list(read_chunks(source, "json", 3))
+    assert [c.first_row for c in chunks] == [1, 4]
+    decoded = [json.loads(r) for c in chunks for r in c.records]
+    assert decoded == rows
+    assert all(r.count(b"\n") == 1 for c in chunks for r in c.records)  # one line each
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('[{"x": 1}, {"x": ]', "row 2: not valid JSON"),
+        ('[{"x": 1} {"x": 2}]', "row 1: expected ','"),
+        ('[{"x": 1},', "row 2: the JSON array is not closed"),
+        ('"text"', "a JSON array of rows or an MLflow request object"),
+    ],
+)
+def test_a_broken_json_array_names_the_row(tmp_path: Path, text: str, error: str) -> None:
+    source = _write(tmp_path / "in.json", text)
+    with pytest.raises(BatchError, match=error):
+        list(read_chunks(source, "json", 10))
+
+
+def test_a_json_request_document_is_one_chunk(tmp_path: Path) -> None:
+    document = '{"dataframe_split": {"columns": ["x"], "data": [[1], [2]]}}'
+    source = _write(tmp_path / "in.json", document)
+    assert list(read_chunks(source, "json", 1)) == [Chunk("document", 1, document.encode(), (), 0)]
+
+
+def test_parquet_chunks(tmp_path: Path) -> None:
+    import pandas as pd
+
+    source = tmp_path / "in.parquet"
+    pd.DataFrame({"x": [float(i) for i in range(5)]}).to_parquet(source)
+    chunks = list(read_chunks(source, "parquet", 2))
+    assert [(c.first_row, c.rows) for c in chunks] == [(1, 2), (3, 2), (5, 1)]
+    middle = pd.read_parquet(__import__("io").BytesIO(chunks[1].header))
+    assert middle["x"].tolist() == [2.0, 3.0]
+
+
+# -- row numbers in errors ---------------------------------------------------------------------
+
+
+class FakeScorer:
+    """Doubles column x of CSV bodies; a row whose x is not a number fails the request,
+    as MLflow's schema enforcement would."""
+
+    input_schema = None
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def invoke(self, body: bytes, content_type: str | None) -> Answer:
+        self.calls += 1
+        assert content_type == "text/csv"
+        values = body.decode().splitlines()[1:]
+        try:
+            predictions = [2 * float(v) for v in values]
+        except ValueError:
+            return error_answer(400, "BAD_REQUEST", "Failed to enforce the model's input schema")
+        return Answer(status=200, body=json.dumps({"predictions": predictions}).encode())
+
+
+def _csv_chunk(first_row: int, values: list[str]) -> Chunk:
+    records = tuple(f"{v}\n".encode() for v in values)
+    return Chunk("csv", first_row, b"x\n", records, len(records))
+
+
+def test_a_failing_chunk_is_bisected_to_the_first_failing_row() -> None:
+    values = [str(i) for i in range(1000)]
+    values[233] = values[700] = "oops"
+    scorer = FakeScorer()
+    with pytest.raises(BatchError) as caught:
+        score_chunk(scorer, _csv_chunk(1001, values))  # type: ignore[arg-type]
+    assert str(caught.value) == "row 1234: Failed to enforce the model's input schema"
+    assert scorer.calls <= 1 + 2 * 10  # bisection, not one call per row
+
+
+def test_a_chunk_that_scores_gives_one_prediction_per_row() -> None:
+    predictions = score_chunk(FakeScorer(), _csv_chunk(1, ["1", "2.5"]))  # type: ignore[arg-type]
+    assert predictions == [2.0, 5.0]
+
+
+def test_output_formats() -> None:
+    assert batch.formatted([1, 2.5], "jsonl") == (b"", b"1\n2.5\n")
+    assert batch.formatted([True, "a", None, float("nan")], "jsonl")[1] == b'true\n"a"\nnull\nNaN\n'
+    assert batch.formatted([1, 2.5], "csv") == (b"prediction\n", b"1\n2.5\n")
+    header, rows = batch.formatted([{"label": "a,b", "p": 0.5}, {"label": "c", "p": 1}], "csv")
+    assert (header, rows) == (b"label,p\n", b'"a,b",0.5\nc,1\n')
+    assert batch.formatted([[1, 2], [3, 4]], "csv") == (b"0,1\n", b"1,2\n3,4\n")
+
+
+# -- atomic output ---------------------------------------------------------------------------
+
+
+def test_output_appears_only_when_complete(tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    with atomic_output(target) as out:
+        out.write(b"partial")
+        assert not target.exists()
+        assert len(list(tmp_path.iterdir())) == 1  # the temporary file, beside it
+    assert target.read_bytes() == b"partial"
+    assert list(tmp_path.iterdir()) == [target]
+    assert target.stat().st_mode & 0o644 == 0o644  # not mkstemp's 0600
+
+
+def test_nothing_is_left_on_failure_and_an_old_output_is_kept(tmp_path: Path) -> None:
+    target = tmp_path / "out.csv"
+    target.write_bytes(b"previous run")
+
+    def fail() -> None:
+        with atomic_output(target) as out:
+            out.write(b"half")
+            raise BatchError("row 7: boom")
+
+    with pytest.raises(BatchError):
+        fail()
+    assert list(tmp_path.iterdir()) == [target]
+    assert target.read_bytes() == b"previous run"
+
+
+# -- the command, on a real model --------------------------------------------------------------
+
+
+def _predict(model: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "packager_server", "predict", "--model-dir", str(model), *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+
+
+def test_predict_scores_in_forked_workers_in_order(server_models: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("x\n" + "".join(f"{i}.5\n" for i in range(1000)))
+    out = tmp_path / "out.csv"
+    result = _predict(
+        server_models / "sleepy",
+        "-i",
+        str(source),
+        "-o",
+        str(out),
+        "--workers",
+        "2",
+        "--chunk-rows",
+        "64",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "2 worker processes forked" in result.stderr
+    assert "1000 rows scored" in result.stderr
+    lines = out.read_text().splitlines()
+    assert lines[0] == "prediction"
+    assert [float(v) for v in lines[1:]] == [2 * (i + 0.5) for i in range(1000)]
+
+
+def test_predict_names_the_failing_row_and_writes_nothing(
+    server_models: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.jsonl"
+    rows: list[dict[str, Any]] = [{"x": float(i)} for i in range(300)]
+    rows[122] = {"x": "not a number"}
+    source.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    result = _predict(
+        server_models / "sleepy",
+        "-i",
+        str(source),
+        "-o",
+        str(out),
+        "--workers",
+        "2",
+        "--chunk-rows",
+        "50",
+    )
+    assert result.returncode == batch.EXIT_FAILED
+    assert "row 123: " in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_predict_refuses_an_input_it_cannot_read(server_models: Path, tmp_path: Path) -> None:
+    result = _predict(
+        server_models / "sleepy", "-i", str(tmp_path / "in.txt"), "-o", str(tmp_path / "o")
+    )
+    assert result.returncode == batch.EXIT_CONFIG
+    assert "pass --content-type (csv, json, jsonl, parquet)" in result.stderr
+
+
+def test_predict_scores_in_one_process_when_a_fork_would_hang(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """The server's serving-mode decision: the pooled model's forked probe hangs."""
+    source = tmp_path / "in.csv"
+    source.write_text("x\n1\n2\n3\n")
+    out = tmp_path / "out.csv"
+    result = _predict(server_models / "pooled", "-i", str(source), "-o", str(out), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert "one process: loading left" in result.stderr
+    assert out.read_text() == "prediction\n2.0\n3.0\n4.0\n"
+
+
+def test_sigterm_mid_run_stops_the_workers_and_leaves_nothing(
+    server_models: Path, tmp_path: Path
+) -> None:
+    source = tmp_path / "in.csv"
+    source.write_text("x\n" + "1.5\n" * 1_000_000)  # minutes in chunks of 50 rows
+    out = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
+    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(out)]
+    with (tmp_path / "err").open("w+") as err:
+        process = subprocess.Popen(
+            [*command, "--workers", "2", "--chunk-rows", "50"], stderr=err, text=True
+        )
+        try:
+            wait_until(lambda: list(tmp_path.glob(".out.csv.*.partial")), 120, "the output")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM
+    assert "nothing was written" in (tmp_path / "err").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv"]
