@@ -25,7 +25,9 @@ from packager_server.fastpath import FastPath
 log = logging.getLogger(__name__)
 
 JSON = "application/json"
-_QUOTED = re.compile(r"'([^']{3,})'|\"([^\"]{3,})\"")
+# A quoted value: the quote opens after a non-word character and closes before one, so an
+# apostrophe ("the model's input") neither opens a quote nor swallows the next one.
+_QUOTED = re.compile(r"(?<!\w)'([^']{3,}?)'(?!\w)|(?<!\w)\"([^\"]{3,}?)\"(?!\w)")
 _MAX_MESSAGE = 2000
 
 
