@@ -190,6 +190,7 @@ def _build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=_serve)
     _add_predict_command(commands, common, registry)
     _add_manifests_command(commands, common, registry)
+    _add_webhook_commands(commands, [common, registry, locking, _image_parser()])
     return parser
 
 
@@ -266,13 +267,8 @@ def _lock_parser() -> argparse.ArgumentParser:
     return locking
 
 
-def _add_image_commands(
-    commands: Any,
-    common: argparse.ArgumentParser,
-    registry: argparse.ArgumentParser,
-    locking: argparse.ArgumentParser,
-) -> None:
-    """generate, build, test and base build."""
+def _image_parser() -> argparse.ArgumentParser:
+    """The image's options, shared by generate, build, release and webhook serve."""
     image_parent = argparse.ArgumentParser(add_help=False)
     image_parent.add_argument(
         "--base-image",
@@ -303,6 +299,17 @@ def _add_image_commands(
         help="keep the tests directories that packages ship (removed by default: a "
         "served model never imports them)",
     )
+    return image_parent
+
+
+def _add_image_commands(
+    commands: Any,
+    common: argparse.ArgumentParser,
+    registry: argparse.ArgumentParser,
+    locking: argparse.ArgumentParser,
+) -> None:
+    """generate, build, test and base build."""
+    image_parent = _image_parser()
 
     generate = commands.add_parser(
         "generate",
@@ -1255,3 +1262,274 @@ def _report(
 def entrypoint() -> None:
     """Console-script entry point."""
     sys.exit(main())
+
+
+# --- packager webhook ----------------------------------------------------------------
+
+_WEBHOOK_QUEUE = Path("packager-webhook.db")
+_RULES_HELP = """\
+rules file (YAML):
+  rules:
+    - models: "fraud-*"          # glob, or a list of globs, on the registered model name
+      aliases: [champion]         # alias moves that trigger a release
+      image: "registry.example.com/serving/{name}:{version}"   # {name} {version} {alias}
+      release: {test: false, backend: oci, attestations: true, alias: live, force: false}
+    - models: "batch-*"           # no aliases and no tags: every new version
+      image: "registry.example.com/batch/{name}:{version}"
+    - models: "*"
+      tags: {deploy: "true"}      # model_version_tag.set with this key (and value)
+      image: "registry.example.com/tagged/{name}:{version}"
+"""
+
+
+def _add_webhook_commands(commands: Any, parents: list[argparse.ArgumentParser]) -> None:
+    common, registry, locking, image_parent = parents
+    webhook = commands.add_parser(
+        "webhook",
+        help="release on MLflow registry events (webhook receiver, jobs, registration)",
+        description="Receive MLflow's registry webhooks, queue each event durably before "
+        "answering, and release what the rules say, retrying failures; reconcile with the "
+        "registry so that no event MLflow dropped is missed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = webhook.add_subparsers(dest="webhook_command", metavar="COMMAND", required=True)
+    queue = argparse.ArgumentParser(add_help=False)
+    queue.add_argument(
+        "--queue",
+        type=Path,
+        default=_WEBHOOK_QUEUE,
+        metavar="PATH",
+        help=f"the queue's SQLite file (default: ./{_WEBHOOK_QUEUE})",
+    )
+
+    serve = sub.add_parser(
+        "serve",
+        parents=[common, registry, locking, image_parent, queue],
+        help="run the receiver: verify, queue, release",
+        description="Listen for MLflow's registry webhooks on POST /webhook/mlflow (probes "
+        "/livez, /readyz; Prometheus /metrics). Each delivery's X-MLflow-Signature is checked "
+        "with the shared secret, the event is committed to the queue before the 2xx answer, "
+        "and workers run `packager release` for every job the rules make (or --dispatch "
+        "it). The image options (--base-image …) apply to every release.",
+        epilog=_RULES_HELP
+        + "\nexample:\n  WEBHOOK_SECRET=... packager webhook serve --rules rules.yaml "
+        "--secret-env WEBHOOK_SECRET --queue /var/lib/packager/queue.db\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument("--rules", type=Path, required=True, metavar="FILE", help="rules file")
+    secret = serve.add_mutually_exclusive_group(required=True)
+    secret.add_argument("--secret-env", metavar="VAR", help="the secret is in this variable")
+    secret.add_argument("--secret-file", type=Path, metavar="PATH", help="… or in this file")
+    serve.add_argument("--host", default="127.0.0.1", help="address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8787, help="port (default 8787)")
+    serve.add_argument("--certfile", type=Path, metavar="PEM", help="TLS certificate chain")
+    serve.add_argument("--keyfile", type=Path, metavar="PEM", help="TLS private key")
+    serve.add_argument("--workers", type=int, default=1, help="releases at once (default 1)")
+    serve.add_argument(
+        "--max-body", type=int, default=1 << 20, metavar="BYTES", help="default 1 MiB"
+    )
+    serve.add_argument(
+        "--retry-limit", type=int, default=5, metavar="N", help="attempts before a job is parked"
+    )
+    serve.add_argument(
+        "--retry-backoff",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="first retry after S seconds, doubling each time (capped at 30 min; default 30)",
+    )
+    serve.add_argument(
+        "--reconcile-interval",
+        type=float,
+        default=300.0,
+        metavar="S",
+        help="list what the rules cover and queue what is unreleased, on start and every S "
+        "seconds (default 300; 0: on start only)",
+    )
+    serve.add_argument(
+        "--dispatch",
+        metavar="k8s-jobs:DIR|k8s-jobs:-",
+        help="don't release here: write a Kubernetes Job manifest per release into DIR, or "
+        "to stdout (for `| kubectl apply -f -`)",
+    )
+    serve.add_argument(
+        "--dispatch-image", metavar="IMAGE", help="with --dispatch: the image that has packager"
+    )
+    serve.add_argument("--dispatch-namespace", metavar="NS", help="with --dispatch")
+    serve.add_argument(
+        "--dispatch-secret",
+        metavar="NAME",
+        help="with --dispatch: a Secret whose keys become the Job's environment "
+        "(MLFLOW_TRACKING_TOKEN, PACKAGER_REGISTRY_USERNAME/PASSWORD)",
+    )
+    serve.set_defaults(handler=_webhook_serve)
+
+    jobs = sub.add_parser(
+        "jobs",
+        parents=[common, queue],
+        help="list the queue's jobs and their states",
+        description="List the jobs in the queue (readable while the receiver runs): pending, "
+        "running, done, failed (waiting to retry) or parked (out of attempts, or an error "
+        "another attempt cannot fix).",
+    )
+    jobs.add_argument("--state", choices=("pending", "running", "done", "failed", "parked"))
+    jobs.set_defaults(handler=_webhook_jobs)
+
+    retry = sub.add_parser(
+        "retry",
+        parents=[common, queue],
+        help="requeue a failed or parked job",
+        description="Requeue a failed or parked job now, its attempts reset; the running "
+        "receiver picks it up.",
+    )
+    retry.add_argument("job_id", type=int, metavar="ID")
+    retry.set_defaults(handler=_webhook_retry)
+
+    register = sub.add_parser(
+        "register",
+        parents=[common, registry],
+        help="create the webhook in the MLflow registry",
+        description="Create a webhook in the MLflow registry (through MLflow's client) that "
+        "posts the events to the receiver, signed with the secret from --secret-env. The "
+        "MLflow server needs MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY set (else a restart "
+        "forgets the secret), and MLFLOW_WEBHOOK_ALLOWED_SCHEMES=http,https and "
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS=true for a receiver on http or a private address.",
+        epilog="example:\n  packager webhook register --url "
+        "https://builder.example.com:8787/webhook/mlflow --secret-env WEBHOOK_SECRET\n",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    register.add_argument("--url", required=True, help="the receiver's /webhook/mlflow URL")
+    register.add_argument(
+        "--events",
+        nargs="+",
+        default=["model_version.created", "model_version_alias.created", "model_version_tag.set"],
+        metavar="EVENT",
+        help="default: model_version.created model_version_alias.created model_version_tag.set",
+    )
+    register.add_argument("--secret-env", required=True, metavar="VAR")
+    register.add_argument("--name", default="packager", help="the webhook's name")
+    register.set_defaults(handler=_webhook_register)
+
+    test = sub.add_parser(
+        "test",
+        parents=[common, registry],
+        help="have MLflow send its test event to the webhook",
+        description="Ask MLflow to send its own example event to the webhook ID and print the "
+        "receiver's answer (MLflow's example names the model example_model).",
+    )
+    test.add_argument("webhook_id", metavar="ID")
+    test.add_argument("--event", help="which event (default: the webhook's first)")
+    test.set_defaults(handler=_webhook_test)
+
+
+def _webhook_serve(args: argparse.Namespace) -> int:
+    from packager.webhook import dispatch, rules, service, signature, worker  # noqa: PLC0415
+    from packager.webhook.queue import RetryPolicy  # noqa: PLC0415
+    from packager.webhook.registry import MlflowRegistry  # noqa: PLC0415
+
+    source = _source(args)
+    image = _image_options(args)
+    release: worker.ReleaseFn
+    if args.dispatch is not None:
+        if not args.dispatch_image:
+            raise UsageError("--dispatch needs --dispatch-image, the image that runs packager")
+        target = dispatch.parse_target(args.dispatch)
+        release = dispatch.KubernetesJobs(
+            target,
+            dispatch.JobTemplate(
+                packager_image=args.dispatch_image,
+                tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                namespace=args.dispatch_namespace,
+                env_from_secret=args.dispatch_secret,
+                release_args=("--base-image", image.base_image) if image.base_image else (),
+            ),
+            stream=sys.stdout,
+        )
+    else:
+        release = worker.release_function(source["options"], args.cache_dir, image=image)
+    options = service.ServeOptions(
+        rules=rules.load_rules(args.rules),
+        secret=signature.load_secret(env=args.secret_env, file=args.secret_file),
+        queue=args.queue,
+        host=args.host,
+        port=args.port,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        workers=args.workers,
+        max_body=args.max_body,
+        retry=RetryPolicy(limit=args.retry_limit, base=args.retry_backoff),
+        reconcile_interval=args.reconcile_interval,
+    )
+    scheme = "https" if args.certfile else "http"
+
+    def started(port: int) -> None:
+        log.info("receiving on %s://%s:%d/webhook/mlflow", scheme, args.host, port)
+
+    service.serve(options, release, lambda: MlflowRegistry(source["options"]), started=started)
+    return 0
+
+
+def _webhook_jobs(args: argparse.Namespace) -> int:
+    from packager.webhook.queue import JobQueue  # noqa: PLC0415
+
+    queue = JobQueue(args.queue, owner=False)
+    try:
+        jobs = queue.jobs(args.state)
+    finally:
+        queue.close()
+    if args.json:
+        _print_json({"jobs": [to_jsonable(job) for job in jobs]})
+        return 0
+    for job in jobs:
+        detail = job.error if job.state in ("failed", "parked") else job.result
+        sys.stdout.write(
+            f"{job.id:>5} {job.state:<8} {job.spec.model} -> {job.spec.image}"
+            f" (attempts {job.attempts}){f': {detail}' if detail else ''}\n"
+        )
+    return 0
+
+
+def _webhook_retry(args: argparse.Namespace) -> int:
+    from packager.webhook.queue import JobQueue  # noqa: PLC0415
+
+    queue = JobQueue(args.queue, owner=False)
+    try:
+        job = queue.retry_job(args.job_id)
+    finally:
+        queue.close()
+    if args.json:
+        _print_json(to_jsonable(job))
+    else:
+        sys.stdout.write(f"job {job.id} ({job.spec.model}) queued again\n")
+    return 0
+
+
+def _webhook_register(args: argparse.Namespace) -> int:
+    from packager.webhook import signature  # noqa: PLC0415
+    from packager.webhook.registry import MlflowRegistry  # noqa: PLC0415
+
+    secret = signature.load_secret(env=args.secret_env)
+    hook = MlflowRegistry(_source(args)["options"]).create_webhook(
+        name=args.name,
+        url=args.url,
+        events=args.events,
+        secret=secret,
+        description="packager webhook serve: releases serving images",
+    )
+    if args.json:
+        _print_json(to_jsonable(hook))
+    else:
+        sys.stdout.write(f"{hook.webhook_id} {hook.url} ({', '.join(hook.events)})\n")
+    return 0
+
+
+def _webhook_test(args: argparse.Namespace) -> int:
+    from packager.webhook.registry import MlflowRegistry  # noqa: PLC0415
+
+    tested = MlflowRegistry(_source(args)["options"]).test_webhook(args.webhook_id, args.event)
+    if args.json:
+        _print_json(to_jsonable(tested))
+    else:
+        answer = tested.error or f"HTTP {tested.status}: {(tested.body or '').strip()[:200]}"
+        sys.stdout.write(f"{'ok' if tested.success else 'FAILED'}: {answer}\n")
+    return 0 if tested.success else 20

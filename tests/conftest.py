@@ -64,6 +64,18 @@ def wait_for_http(
     raise TimeoutError(f"{url} did not answer within {deadline:.0f}s")
 
 
+# MLflow's own settings for registry webhooks to a receiver on loopback over http: the
+# defaults refuse both. A fixed Fernet key, so the stored webhook secret stays readable
+# (MLflow makes a random key per process without one), and a short cache, so a webhook
+# fires a second after it is created instead of a minute.
+WEBHOOK_SETTINGS = {
+    "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+    "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+    "MLFLOW_WEBHOOK_CACHE_TTL": "1",
+    "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": "cGFja2FnZXItdGVzdHMtd2ViaG9vay1rZXktMzJieXQ=",
+}
+
+
 @dataclass(frozen=True)
 class MlflowServer:
     uri: str
@@ -97,7 +109,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
         "--workers",
         "1",
     ]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "", **WEBHOOK_SETTINGS}
     with log.open("wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True

@@ -136,6 +136,9 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "packager-webhook"
     sys_version = ""
     timeout = 30  # seconds a client may take to send its request; a stalled one is dropped
+    # The answer goes out as two writes (head, then body): with Nagle's algorithm the body
+    # waits for the client's delayed ACK of the head, 40 ms on Linux, on every answer.
+    disable_nagle_algorithm = True
 
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != PATH:
@@ -185,6 +188,9 @@ class _Handler(BaseHTTPRequestHandler):
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: MLflow's pool (10 senders) or a burst of new
+    # connections would see SYNs dropped and retried a second later.
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], receiver: Receiver) -> None:
         super().__init__(address, _Handler)

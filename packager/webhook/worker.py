@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from packager.api import ImageOptions
 from packager.errors import (
     ImageTestError,
     ModelFormatError,
@@ -42,12 +43,16 @@ PERMANENT: tuple[type[PackagerError], ...] = (
 
 
 def release_function(
-    registry: RegistryOptions | None = None, cache_root: Path | None = None
+    registry: RegistryOptions | None = None,
+    cache_root: Path | None = None,
+    *,
+    image: ImageOptions | None = None,
 ) -> ReleaseFn:
     """The real release, for one registry: :func:`packager.release.release_model` with
     the options the job's rule chose. The event's own alias is not moved again (MLflow
     already moved it, and a slow release must not move it back from a newer version);
-    only the rule's ``release.alias`` is."""
+    only the rule's ``release.alias`` is. ``image`` (base image, system packages, lock
+    options) applies to every release."""
 
     def run_release(spec: JobSpec) -> str:
         from packager.release import ReleaseOptions, release_model  # noqa: PLC0415 — heavy
@@ -57,6 +62,7 @@ def release_function(
             spec.model,
             ReleaseOptions(
                 tags=(spec.image,),
+                image=image or ImageOptions(),
                 backend=choices.backend,
                 test=choices.test,
                 alias=choices.alias,

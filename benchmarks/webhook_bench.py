@@ -1,0 +1,207 @@
+"""Load the webhook receiver on loopback: nothing lost, nothing twice, answers fast.
+
+    .venv/bin/python benchmarks/webhook_bench.py [--deliveries N] [--clients N] [--json FILE]
+
+Starts ``packager webhook serve`` as its own process with ``--dispatch k8s-jobs:DIR`` (the
+real dispatcher: it writes one Job manifest per release, so the worker's cost is a file,
+not a build) and one worker. ``--clients`` threads in this process send signed
+``model_version_alias.created`` deliveries over keep-alive connections; every tenth a
+client sends is a resend of its previous delivery (same id, timestamp and signature, as
+MLflow's own retry sends it), which must be acknowledged and queued no second time. Then
+it waits for the queue to drain and counts, from the queue and the manifests:
+
+* lost: a delivery answered 2xx whose release never completed (or got a non-2xx answer);
+* duplicated: a release (model → image) completed more than once, or a resend queued again;
+* p50 / p99 / max of the answer latency (goal: p99 < 50 ms): the request path only
+  verifies, plans and commits (SQLite WAL, ``synchronous=FULL``), never builds.
+
+Nothing here asserts: the numbers depend on the machine (its disk's fsync above all).
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from packager.webhook.queue import JobQueue
+from packager.webhook.signature import sign
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-" + uuid.uuid4().hex
+RULES = """\
+rules:
+  - models: "bench-*"
+    aliases: [champion]
+    image: "registry.example.com/bench/{name}:{version}"
+    release: {test: false}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], deadline: float = 60) -> None:
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if process.poll() is not None:
+            raise RuntimeError(f"the receiver exited with {process.returncode}")
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+            connection.request("GET", "/readyz")
+            if connection.getresponse().status == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError("the receiver did not become ready")
+
+
+class Client(threading.Thread):
+    def __init__(self, n: int, port: int, count: int) -> None:
+        super().__init__(name=f"client-{n}")
+        self.n, self.port, self.count = n, port, count
+        self.latencies: list[float] = []
+        self.answers: dict[str, int] = {}
+        self.failures = 0
+        self.unique: set[str] = set()
+
+    def run(self) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        previous: tuple[str, str, bytes] | None = None
+        for i in range(self.count):
+            if i % 10 == 9 and previous is not None:
+                delivery_id, stamp, body = previous  # MLflow's retry: the same request
+            else:
+                delivery_id, stamp = str(uuid.uuid4()), str(int(time.time()))
+                data = {"name": f"bench-{self.n}-{i}", "alias": "champion", "version": "1"}
+                body = json.dumps(
+                    {
+                        "entity": "model_version_alias",
+                        "action": "created",
+                        "timestamp": "2026-12-02T00:00:00Z",
+                        "data": data,
+                    }
+                ).encode()
+                self.unique.add(delivery_id)
+            previous = (delivery_id, stamp, body)
+            headers = {
+                "Content-Type": "application/json",
+                "X-MLflow-Delivery-Id": delivery_id,
+                "X-MLflow-Timestamp": stamp,
+                "X-MLflow-Signature": sign(SECRET, delivery_id, stamp, body),
+            }
+            started = time.perf_counter()
+            try:
+                connection.request("POST", "/webhook/mlflow", body=body, headers=headers)
+                response = connection.getresponse()
+                answer = json.loads(response.read())
+            except (OSError, http.client.HTTPException, ValueError):
+                self.failures += 1
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+                continue
+            self.latencies.append(time.perf_counter() - started)
+            key = answer.get("status", f"http {response.status}")
+            self.answers[key] = self.answers.get(key, 0) + 1
+        connection.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def run(deliveries: int, clients: int, workdir: Path) -> dict[str, object]:
+    rules, queue, jobs = workdir / "rules.yaml", workdir / "queue.db", workdir / "jobs"
+    rules.write_text(RULES)
+    port = free_port()
+    argv = [sys.executable, "-m", "packager", "webhook", "serve", "--rules", str(rules)]
+    argv += ["--secret-env", "BENCH_SECRET", "--port", str(port), "--queue", str(queue)]
+    argv += ["--dispatch", f"k8s-jobs:{jobs}", "--dispatch-image", "registry.example.com/p:1"]
+    argv += ["--reconcile-interval", "0"]
+    env = {**os.environ, "BENCH_SECRET": SECRET, "MLFLOW_TRACKING_URI": ""}
+    log = (workdir / "serve.log").open("wb")
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_ready(port, process)
+        threads = [Client(n, port, deliveries // clients) for n in range(clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sending = time.monotonic() - started
+        unique = sum(len(t.unique) for t in threads)
+        reader = JobQueue(queue, owner=False)
+        try:
+            end = time.monotonic() + 300
+            while time.monotonic() < end:
+                counts = reader.counts()
+                if counts["done"] + counts["parked"] >= unique or process.poll() is not None:
+                    break
+                time.sleep(0.2)
+            drained = time.monotonic() - started
+            done = reader.jobs("done")
+            counts = reader.counts()
+        finally:
+            reader.close()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=60)
+        log.close()
+    keys = [job.spec.key for job in done]
+    latencies = [x for t in threads for x in t.latencies]
+    answers: dict[str, int] = {}
+    for thread in threads:
+        for key, n in thread.answers.items():
+            answers[key] = answers.get(key, 0) + n
+    manifests = len(list(jobs.glob("*.yaml"))) if jobs.is_dir() else 0
+    return {
+        "deliveries": sum(len(t.latencies) + t.failures for t in threads),
+        "clients": clients,
+        "unique_deliveries": unique,
+        "answers": answers,
+        "transport_failures": sum(t.failures for t in threads),
+        "jobs": counts,
+        "manifests": manifests,
+        "lost": unique - len(set(keys)) + sum(t.failures for t in threads),
+        "duplicated": (len(keys) - len(set(keys))) + (answers.get("queued", 0) - unique),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round(percentile(latencies, 0.99) * 1000, 2),
+        "max_ms": round(max(latencies) * 1000, 2),
+        "send_seconds": round(sending, 2),
+        "drain_seconds": round(drained, 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--deliveries", type=int, default=2000)
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
+        result = run(args.deliveries, args.clients, Path(tmp))
+    for key, value in result.items():
+        print(f"{key:>20}: {value}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

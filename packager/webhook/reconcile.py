@@ -1,0 +1,144 @@
+"""Reconciliation: what the rules cover, read from the registry, queued when unreleased.
+
+MLflow delivers an event a few times at most and never again (see the package's
+docstring), so an event sent while the receiver was down, or dropped on the way, is gone.
+The registry itself still says what should be released: on start and every
+``--reconcile-interval`` the receiver lists the versions its rules cover and queues a
+job for each whose recorded image is missing or stale:
+
+- an alias rule covers the versions its aliases point at, in every model its globs match;
+- a rule for every new version covers each matching model's newest version;
+- a tag rule covers the versions that carry the tag (with the value, when it names one).
+
+A version is stale when it has no ``packager.image`` tag, when that image is in another
+repository than the rule's, or when it was recorded by another packager version (the
+recipe changed). A lock that changed under the same packager is found by the release
+itself, which compares the whole recipe and answers "already released" when nothing did.
+A job whose key is still in the queue (pending, running, retrying or parked), or completed
+within the last :data:`RECENT` seconds, is not queued again, so reconciling often costs
+only the registry look-ups. The second case is for ``--dispatch``: there a completed job
+means a dispatched one, and the version's tags appear only when the cluster has run it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from packager import __version__
+from packager.record import IMAGE_TAG, VERSION_TAG
+from packager.webhook.queue import JobQueue
+from packager.webhook.rules import JobSpec, Rule, Rules
+
+log = logging.getLogger(__name__)
+
+RECONCILE = "reconcile"
+RECENT = 3600.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class VersionView:
+    """A registered model version as reconciliation needs it."""
+
+    name: str
+    version: str
+    tags: Mapping[str, str]
+
+
+class RegistryView(Protocol):
+    """The registry look-ups reconciliation makes (MLflow's client in use, a fake in tests)."""
+
+    def model_names(self) -> Sequence[str]: ...
+
+    def by_alias(self, name: str, alias: str) -> VersionView | None: ...
+
+    def versions(self, name: str) -> Sequence[VersionView]: ...
+
+    def version(self, name: str, version: str) -> VersionView | None: ...
+
+
+def plan(rules: Rules, registry: RegistryView) -> tuple[JobSpec, ...]:
+    """The jobs that would release every covered version that is missing or stale."""
+    names = registry.model_names()
+    jobs: dict[str, JobSpec] = {}
+    for rule in rules.rules:
+        for name in sorted(n for n in names if _matches(rule, n)):
+            for version, alias in _covered(rule, name, registry):
+                job = _job(rule, version, alias)
+                if job.key not in jobs and _stale(version, job.image):
+                    jobs[job.key] = job
+    return tuple(jobs.values())
+
+
+def reconcile(
+    rules: Rules, registry: RegistryView, queue: JobQueue, *, now: float | None = None
+) -> tuple[int, ...]:
+    """Queue what :func:`plan` finds, less what the queue holds or recently completed;
+    the job ids."""
+    stamp = time.time() if now is None else now
+    active = queue.active_keys(done_since=stamp - RECENT)
+    jobs = tuple(job for job in plan(rules, registry) if job.key not in active)
+    if not jobs:
+        log.info("reconciliation: every covered version is released")
+        return ()
+    accepted = queue.accept(f"{RECONCILE}-{uuid.uuid4()}", RECONCILE, jobs)
+    for job in jobs:
+        log.warning(
+            "reconciliation: %s has no current image (no event seen for it); queued", job.model
+        )
+    return accepted.job_ids
+
+
+def _matches(rule: Rule, name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, glob) for glob in rule.models)
+
+
+def _covered(rule: Rule, name: str, registry: RegistryView) -> list[tuple[VersionView, str | None]]:
+    if rule.aliases is not None:
+        found = [(registry.by_alias(name, alias), alias) for alias in rule.aliases]
+        return [(version, alias) for version, alias in found if version is not None]
+    versions = registry.versions(name)
+    if rule.tags is None:
+        newest = max(versions, key=lambda v: int(v.version), default=None)
+        # Fetched whole: search results may lack tags (they do on some servers).
+        whole = None if newest is None else registry.version(name, newest.version)
+        return [] if whole is None else [(whole, None)]
+    return [(v, None) for v in versions if _tagged(rule.tags, v.tags)]
+
+
+def _tagged(wanted: Mapping[str, str | None], tags: Mapping[str, str]) -> bool:
+    return any(
+        key in tags and (value is None or tags[key] == value) for key, value in wanted.items()
+    )
+
+
+def _job(rule: Rule, version: VersionView, alias: str | None) -> JobSpec:
+    return JobSpec(
+        model=f"models:/{version.name}/{version.version}",
+        name=version.name,
+        version=version.version,
+        image=rule.image.format(name=version.name, version=version.version, alias=alias or ""),
+        event=RECONCILE,
+        rule_line=rule.line,
+        release=rule.release,
+    )
+
+
+def _stale(version: VersionView, image: str) -> bool:
+    recorded = version.tags.get(IMAGE_TAG, "")
+    if not recorded:
+        return True
+    if version.tags.get(VERSION_TAG) != __version__:
+        return True
+    return recorded.split("@", 1)[0] != _repository(image)
+
+
+def _repository(image: str) -> str:
+    """``host/repo`` of ``host/repo[:tag]`` (a port's colon is not a tag's)."""
+    name, _, tag = image.rpartition(":")
+    return image if not name or "/" in tag else name

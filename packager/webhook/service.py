@@ -1,0 +1,157 @@
+"""``packager webhook serve`` as a library call: put the parts together, run until stopped.
+
+:func:`serve` opens the queue (taking ownership), starts the receiver and its worker pool
+(jobs a killed predecessor left running are queued again first), reconciles on start and
+every ``reconcile_interval`` seconds on a thread of its own, and returns after SIGTERM or
+SIGINT, once the HTTP server and the workers have stopped (a release still running then is
+left ``running`` and recovered on the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+from packager.errors import PackagerError, UsageError
+from packager.webhook.queue import JobQueue, RetryPolicy
+from packager.webhook.receiver import MAX_BODY, Receiver, Server
+from packager.webhook.reconcile import RegistryView, reconcile
+from packager.webhook.rules import Rules
+from packager.webhook.worker import ReleaseFn, WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServeOptions:
+    rules: Rules
+    secret: str
+    queue: Path
+    host: str = "127.0.0.1"
+    port: int = 8787
+    certfile: Path | None = None
+    keyfile: Path | None = None
+    workers: int = 1
+    max_body: int = MAX_BODY
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    reconcile_interval: float = 300.0  # 0: only on start
+
+    def check(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise UsageError(f"--port {self.port}: not a port number")
+        if (self.certfile is None) != (self.keyfile is None):
+            raise UsageError("TLS needs both --certfile and --keyfile")
+        if self.workers < 1:
+            raise UsageError(f"--workers {self.workers}: at least 1")
+        if self.max_body < 1024:
+            raise UsageError(f"--max-body {self.max_body}: at least 1024 bytes")
+        if self.retry.limit < 1 or self.retry.base < 0:
+            raise UsageError("--retry-limit must be at least 1 and --retry-backoff not negative")
+        if self.reconcile_interval < 0:
+            raise UsageError("--reconcile-interval must not be negative (0: only on start)")
+
+
+class Reconciler:
+    """Reconciliation on a daemon thread: once at start, then every ``interval`` seconds.
+    A registry that cannot be read is logged and tried again at the next round: the
+    receiver keeps accepting events meanwhile."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        registry: Callable[[], RegistryView],
+        queue: JobQueue,
+        wake: Callable[[], None],
+        interval: float,
+    ) -> None:
+        self.rules = rules
+        self.registry = registry
+        self.queue = queue
+        self.wake = wake
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="webhook-reconcile", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run_once(self) -> tuple[int, ...]:
+        try:
+            ids = reconcile(self.rules, self.registry(), self.queue)
+        except PackagerError as err:
+            log.warning("reconciliation failed (next try in %.0f s): %s", self.interval, err)
+            return ()
+        if ids:
+            self.wake()
+        return ids
+
+    def _loop(self) -> None:
+        self.run_once()
+        while self.interval > 0 and not self._stop.wait(self.interval):
+            self.run_once()
+
+
+def serve(
+    options: ServeOptions,
+    release: ReleaseFn,
+    registry: Callable[[], RegistryView],
+    *,
+    started: Callable[[int], None] | None = None,
+) -> None:
+    """Run the receiver until SIGTERM or SIGINT. ``started`` is called with the bound
+    port once the receiver answers."""
+    options.check()
+    queue = JobQueue(options.queue, retry=options.retry)
+    try:
+        pool = WorkerPool(queue, release, size=options.workers)
+        receiver = Receiver(
+            secret=options.secret,
+            rules=options.rules,
+            queue=queue,
+            pool=pool,
+            max_body=options.max_body,
+        )
+        try:
+            server = Server(
+                receiver,
+                host=options.host,
+                port=options.port,
+                certfile=options.certfile,
+                keyfile=options.keyfile,
+            )
+        except OSError as err:
+            raise UsageError(
+                f"cannot listen on {options.host}:{options.port}: {err.strerror or err}",
+                hint="choose another --port, or stop what uses it",
+            ) from err
+        stopping = threading.Event()
+
+        def stop(signum: int, frame: FrameType | None) -> None:  # noqa: ARG001
+            stopping.set()
+
+        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+        reconciler = Reconciler(
+            options.rules, registry, queue, pool.wake, options.reconcile_interval
+        )
+        server.start()
+        try:
+            reconciler.start()
+            if started is not None:
+                started(server.port)
+            stopping.wait()
+            log.info("stopping: no new deliveries; waiting for running releases")
+        finally:
+            reconciler.stop()
+            server.stop()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    finally:
+        queue.close()

@@ -1,0 +1,155 @@
+"""Reconciliation: what the rules cover, read from a fake registry, queued when unreleased."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import pytest
+
+from packager import __version__
+from packager.errors import RegistryUnreachableError
+from packager.record import IMAGE_TAG, LOCK_DIGEST_TAG, VERSION_TAG
+from packager.webhook.queue import JobQueue
+from packager.webhook.reconcile import RECENT, RECONCILE, VersionView, plan, reconcile
+from packager.webhook.rules import parse_rules
+from packager.webhook.service import Reconciler
+
+RULES = """\
+rules:
+  - models: "fraud-*"
+    aliases: [champion, challenger]
+    image: "reg.example:5000/serving/{name}:{version}"
+  - models: "churn"
+    image: "reg.example:5000/batch/{name}:{version}"
+  - models: "*"
+    tags: {deploy: "true"}
+    image: "reg.example:5000/tagged/{name}:{version}"
+"""
+
+
+def released(repository: str, *, packager: str = __version__) -> dict[str, str]:
+    return {
+        IMAGE_TAG: f"{repository}@sha256:{'a' * 64}",
+        LOCK_DIGEST_TAG: "sha256:" + "b" * 64,
+        VERSION_TAG: packager,
+    }
+
+
+class FakeRegistry:
+    """Versions by model, aliases by model; counts whole-version fetches."""
+
+    def __init__(
+        self,
+        versions: Mapping[str, Mapping[str, Mapping[str, str]]],
+        aliases: Mapping[str, Mapping[str, str]],
+    ) -> None:
+        self.data = {name: dict(found) for name, found in versions.items()}
+        self.aliases = aliases
+
+    def model_names(self) -> Sequence[str]:
+        return list(self.data)
+
+    def by_alias(self, name: str, alias: str) -> VersionView | None:
+        version = self.aliases.get(name, {}).get(alias)
+        return None if version is None else self.version(name, version)
+
+    def versions(self, name: str) -> Sequence[VersionView]:
+        return [VersionView(name=name, version=v, tags=t) for v, t in self.data[name].items()]
+
+    def version(self, name: str, version: str) -> VersionView | None:
+        tags = self.data.get(name, {}).get(version)
+        return None if tags is None else VersionView(name=name, version=version, tags=tags)
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> Iterator[JobQueue]:
+    q = JobQueue(tmp_path / "queue.db")
+    yield q
+    q.close()
+
+
+def registry() -> FakeRegistry:
+    return FakeRegistry(
+        versions={
+            "fraud-a": {
+                "1": released("reg.example:5000/serving/fraud-a"),  # current: nothing to do
+                "2": {},  # @challenger, never released
+                "3": {},  # no alias, no rule covers it
+            },
+            "fraud-b": {"4": released("reg.example:5000/serving/fraud-b", packager="0.0.1")},
+            "fraud-c": {"1": released("elsewhere.example/fraud-c")},  # another repository
+            "churn": {"1": {}, "2": {}, "10": released("reg.example:5000/batch/churn")},
+            "other": {"1": {"deploy": "true"}, "2": {"deploy": "false"}},
+        },
+        aliases={
+            "fraud-a": {"champion": "1", "challenger": "2"},
+            "fraud-b": {"champion": "4"},
+            "fraud-c": {"champion": "1"},
+        },
+    )
+
+
+def test_plan_queues_missing_and_stale_versions_the_rules_cover() -> None:
+    jobs = plan(parse_rules(RULES), registry())
+    assert [(j.model, j.image) for j in jobs] == [
+        ("models:/fraud-a/2", "reg.example:5000/serving/fraud-a:2"),
+        ("models:/fraud-b/4", "reg.example:5000/serving/fraud-b:4"),  # older packager
+        ("models:/fraud-c/1", "reg.example:5000/serving/fraud-c:1"),  # other repository
+        ("models:/other/1", "reg.example:5000/tagged/other:1"),
+    ]
+    # churn's newest version (10, not "2" by string order) is released: nothing for it.
+    assert all(j.event == RECONCILE for j in jobs)
+    assert jobs[0].rule_line == 2
+
+
+def test_newest_version_is_queued_when_unreleased() -> None:
+    fake = FakeRegistry(versions={"churn": {"9": {}, "10": {}}}, aliases={})
+    (job,) = plan(parse_rules(RULES), fake)
+    assert job.model == "models:/churn/10"
+
+
+def test_reconcile_queues_once_and_not_what_the_queue_holds(queue: JobQueue) -> None:
+    rules = parse_rules(RULES)
+    fake = registry()
+    ids = reconcile(rules, fake, queue)
+    assert len(ids) == 4
+    assert reconcile(rules, fake, queue) == ()  # still pending: not queued again
+    job = queue.claim()
+    assert job is not None
+    assert reconcile(rules, fake, queue) == ()  # running: not queued again
+    queue.complete(job, "dispatched", seconds=1.0)
+    # Done but the registry still says unreleased (the fake records nothing; with
+    # --dispatch the cluster may not have run it yet): not queued again within the hour,
+    assert reconcile(rules, fake, queue) == ()
+    # and queued again after it, since only the registry's tags say a version is released.
+    assert len(reconcile(rules, fake, queue, now=time.time() + RECENT + 1)) == 1
+    assert queue.deliveries() == {"queued": 2}
+
+
+def test_reconcile_queues_nothing_when_all_is_released(queue: JobQueue) -> None:
+    fake = FakeRegistry(
+        versions={"fraud-a": {"1": released("reg.example:5000/serving/fraud-a")}},
+        aliases={"fraud-a": {"champion": "1"}},
+    )
+    assert reconcile(parse_rules(RULES), fake, queue) == ()
+    assert queue.deliveries() == {}  # no delivery row per idle round
+
+
+def test_reconciler_survives_an_unreachable_registry(
+    queue: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    def unreachable() -> FakeRegistry:
+        raise RegistryUnreachableError("http://mlflow.invalid is not reachable")
+
+    woken: list[bool] = []
+    reconciler = Reconciler(parse_rules(RULES), unreachable, queue, lambda: woken.append(True), 60)
+    with caplog.at_level(logging.WARNING):
+        assert reconciler.run_once() == ()
+    assert "reconciliation failed" in caplog.text
+    assert not woken
+    ok = Reconciler(parse_rules(RULES), registry, queue, lambda: woken.append(True), 60)
+    assert len(ok.run_once()) == 4
+    assert woken == [True]
