@@ -70,6 +70,9 @@ class ContextFile:
     # Readable only by root in the image (the source kept it from "others"): see
     # _private_files. Else the mode is normal_mode() of the source's.
     private: bool = False
+    # A model directory whose own image layer holds this file (OCI backend): see
+    # spec.model.Flavor.layer_dirs. The Docker backend copies it with the rest of model/.
+    layer: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +118,7 @@ def plan_context(
     artifact_prefixes = tuple(f"{a.path.rstrip('/')}" for a in spec.artifacts)
     scrubbed = spec.requirement_files | ENV_FILE_NAMES.keys()
     kept_private = _private_files(spec)
+    layer_dirs = [d for flavor in spec.flavors for d in flavor.layer_dirs]
     # spec.files is the source stage's one walk of the model (links resolved, nothing from
     # outside it): the same list the content digest covers is the list that ships.
     for entry in spec.files:
@@ -125,18 +129,24 @@ def plan_context(
         # a link would reach the build context, and COPY, as a link.
         path = Path(os.path.realpath(spec.path / relative))
         private = relative in kept_private
+        layer = None
         if code_prefix and relative.startswith(code_prefix):
             destination = f"model-code/{relative}"
         elif any(relative == p or relative.startswith(p + "/") for p in artifact_prefixes):
             destination = f"model-artifacts/{relative}"
         else:
             destination = f"model/{relative}"
+            layer = next((d for d in layer_dirs if relative.startswith(f"{d}/")), None)
         if relative in scrubbed:
             text = path.read_bytes().decode("utf-8", errors="replace")
             content = redact_uris_in(text).encode()
-            files.append(ContextFile(destination=destination, content=content, private=private))
+            files.append(
+                ContextFile(destination=destination, content=content, private=private, layer=layer)
+            )
         else:
-            files.append(ContextFile(destination=destination, source=path, private=private))
+            files.append(
+                ContextFile(destination=destination, source=path, private=private, layer=layer)
+            )
     # The server names the model in /version and metrics from this file (MLflow writes
     # it when it downloads a models:/ URI). A file, not ENV, so that everything which
     # changes with the version sits in the model's own layer: the steps before it stay

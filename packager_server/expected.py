@@ -10,6 +10,7 @@ and compares the serving container's answers with it.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -20,12 +21,19 @@ def main(argv: list[str]) -> int:
     from packager_server.scoring import Scorer  # noqa: PLC0415
 
     model_dir, content_type, requests = Path(argv[0]), argv[1], [Path(a) for a in argv[2:]]
+    # Only the answers go to stdout: whatever the model writes there while loading or
+    # predicting (Keras' predict prints a progress bar, native code may print) goes to
+    # stderr, at the file descriptor, so that C-level writes follow too.
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     scorer = Scorer(mlflow.pyfunc.load_model(str(model_dir)), fast_path=False)
     answers = []
     for request in requests:
         answer = scorer.invoke(request.read_bytes(), content_type)
         answers.append({"status": answer.status, "body": json.loads(answer.body)})
-    sys.stdout.write(json.dumps(answers))
+    out.write(json.dumps(answers))
+    out.flush()
     return 0
 
 

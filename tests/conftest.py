@@ -8,6 +8,7 @@ component is missing they are skipped with the reason on a developer machine, an
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -241,3 +242,76 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         and not Path("/var/run/docker.sock").exists()
     ):
         unavailable("no Docker engine on this machine (set DOCKER_HOST or start dockerd)")
+
+
+# -- The flavor tests' environment (issue 18) --------------------------------------------
+# TensorFlow, torch and the other frameworks users register live in .venv-flavors (created
+# by scripts/lib.sh ensure_flavor_venv, which scripts/check runs), not in the .venv pytest
+# runs in: both servers under test and the model fixtures run with its interpreter.
+FLAVOR_VENV = ROOT / ".venv-flavors"
+FLAVOR_SETUP = "bash -c 'source scripts/lib.sh && ensure_venv && ensure_flavor_venv'"
+FLAVOR_MODEL_DEADLINE = 600.0
+
+
+def flavor_venv_digest() -> str:
+    """The digest scripts/lib.sh's ``flavor_venv_digest`` stamps .venv-flavors with."""
+    files = ("pyproject.toml", "constraints/flavors.in", "constraints/flavors.txt")
+    return hashlib.sha256(b"".join((ROOT / name).read_bytes() for name in files)).hexdigest()
+
+
+@pytest.fixture(scope="session")
+def flavor_python() -> Path:
+    """.venv-flavors' interpreter, once it is installed and matches the constraints."""
+    python = FLAVOR_VENV / "bin" / "python"
+    stamp = FLAVOR_VENV / ".packager-setup"
+    if not python.exists():
+        unavailable(f"the flavor test environment {FLAVOR_VENV} is missing: run {FLAVOR_SETUP}")
+    if not stamp.exists() or stamp.read_text().strip() != flavor_venv_digest():
+        unavailable(
+            f"the flavor test environment {FLAVOR_VENV} is incomplete or was built from "
+            f"another pyproject.toml or constraints/flavors.*: run {FLAVOR_SETUP}"
+        )
+    return python
+
+
+class FlavorModels:
+    """Logs the models of tests/fixtures/flavor_models.py on first use, once per session,
+    through a real ``mlflow server`` (registered there, then downloaded from it)."""
+
+    def __init__(self, python: Path, out: Path, tracking_uri: str) -> None:
+        self.python = python
+        self.out = out
+        self.tracking_uri = tracking_uri
+
+    def __call__(self, name: str) -> Path:
+        path = self.out / name
+        if (path / "MLmodel").exists():
+            return path
+        result = subprocess.run(
+            [str(self.python), str(FIXTURES / "flavor_models.py"), str(self.out), name],
+            capture_output=True,
+            text=True,
+            timeout=FLAVOR_MODEL_DEADLINE,
+            check=False,
+            env={
+                **os.environ,
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "HF_HUB_OFFLINE": "1",
+                "FLAVOR_MODELS_TRACKING_URI": self.tracking_uri,
+            },
+        )
+        if result.returncode != 0:
+            pytest.fail(
+                f"logging the {name} model failed:\n{result.stdout[-2000:]}\n"
+                f"{result.stderr[-5000:]}",
+                pytrace=False,
+            )
+        return path
+
+
+@pytest.fixture(scope="session")
+def flavor_models(
+    flavor_python: Path, mlflow_server: MlflowServer, tmp_path_factory: pytest.TempPathFactory
+) -> FlavorModels:
+    """``flavor_models(name)``: the directory of one flavor model, as the registry gives it."""
+    return FlavorModels(flavor_python, tmp_path_factory.mktemp("flavor-models"), mlflow_server.uri)

@@ -10,6 +10,8 @@ layers reused by digest, then deterministic layers (see :mod:`packager.image.lay
     /opt/packager/server   the scoring server
     /opt/model (code/)     the model's code
     /opt/model (artifacts) its artifacts; each file over 32 MiB in a layer of its own
+    /opt/model/<dir>       one layer per directory a flavor loads whole (transformers'
+                           weights, its tokenizer): see spec.model.Flavor.layer_dirs
     /opt/model             MLmodel, env files, weights, examples
 
 and a config with the Docker backend's user, entrypoint, environment, labels, ports and
@@ -276,6 +278,7 @@ def _plan_groups(plan: BuildPlan) -> list[tuple[str, str, list[Entry]]]:
     }
     groups: dict[str, list[Entry]] = {prefix: [] for prefix in targets}
     large: list[Entry] = []
+    own: dict[str, list[Entry]] = {}  # a flavor's weights or component directory: its layer
     for item in plan.files:
         prefix = next((p for p in targets if item.destination.startswith(p)), None)
         if prefix is None:
@@ -291,6 +294,8 @@ def _plan_groups(plan: BuildPlan) -> list[tuple[str, str, list[Entry]]]:
         )
         if prefix == "model-artifacts/" and item.source and item.source.stat().st_size > LARGE_FILE:
             large.append(entry)
+        elif prefix == "model/" and item.layer is not None:
+            own.setdefault(item.layer, []).append(entry)
         else:
             groups[prefix].append(entry)
     # COPY creates its destination even when the source folder is empty.
@@ -304,6 +309,10 @@ def _plan_groups(plan: BuildPlan) -> list[tuple[str, str, list[Entry]]]:
     result += [
         ("large", f"{entry.path} (large file)", [entry])
         for entry in sorted(large, key=lambda e: e.path)
+    ]
+    result += [
+        ("directory", f"{MODEL_DIR}/{directory}: the flavor's {directory}", own[directory])
+        for directory in sorted(own)
     ]
     result.append(("model", f"{MODEL_DIR}: MLmodel, environment and weights", groups["model/"]))
     return result

@@ -39,6 +39,11 @@ class Flavor:
     version: str | None  # the library version the flavor records (sklearn_version, …)
     serialization_format: str | None  # cloudpickle, pickle, skops, …
     model_file: str | None  # pickled_model / data
+    # Directories the flavor loads whole, each shipped in an image layer of its own (OCI
+    # backend): transformers' weights (``model_binary``) and its components (tokenizer,
+    # processor) under ``components/``, so a new version that changes one of them leaves the
+    # others' layers cached (issue 18).
+    layer_dirs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +277,23 @@ def _flavor(name: str, body: object) -> Flavor:
         model_file=_opt_str(
             body.get("pickled_model") or body.get("data") or body.get("model_data")
         ),
+        layer_dirs=_layer_dirs(name, body),
     )
+
+
+def _layer_dirs(name: str, body: dict[str, Any]) -> tuple[str, ...]:
+    """transformers' weights directory and ``components/<name>`` directories, as MLflow's
+    transformers flavor writes them (``model_binary``, ``components``)."""
+    if name != "transformers":
+        return ()
+    dirs = []
+    binary = body.get("model_binary")
+    if isinstance(binary, str) and binary.strip("/"):
+        dirs.append(binary.strip("/"))
+    components = body.get("components")
+    if isinstance(components, list):
+        dirs += [f"components/{c}" for c in components if isinstance(c, str) and c.strip("/")]
+    return tuple(dict.fromkeys(dirs))
 
 
 def _pyfunc(body: dict[str, Any]) -> PyfuncFlavor:

@@ -39,8 +39,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import free_port, wait_for_http
-from tests.server.conftest import FlavorModels
+from tests.conftest import FlavorModels, free_port, wait_for_http
 from tests.server.test_differential import corpus as frame_corpus
 
 pytestmark = [pytest.mark.slow, pytest.mark.flavors]

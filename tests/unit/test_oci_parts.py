@@ -243,3 +243,45 @@ def test_a_base_from_an_oci_layout(tmp_path: Path) -> None:
     assert bases.base_python(base, "3.11") == "/usr/bin/python3.11"
     with pytest.raises(UsageError, match=r"no python3\.12"):
         bases.base_python(base, "3.12")
+
+
+def test_transformers_weights_and_components_get_layers_of_their_own(tmp_path: Path) -> None:
+    from tests.unit.modeldirs import PYFUNC_SKLEARN, write_model
+    from tests.unit.test_trust import _plan
+
+    mlmodel = {
+        "flavors": {
+            "python_function": {"loader_module": "mlflow.transformers", "python_version": "3.11.7"},
+            "transformers": {
+                "model_binary": "model",
+                "components": ["tokenizer"],
+                "transformers_version": "4.57.0",
+            },
+        }
+    }
+    files: dict[str, str | bytes] = {
+        "model/config.json": "{}",
+        "model/model.safetensors": b"\0" * 16,
+        "components/tokenizer/tokenizer.json": "{}",
+        "components/tokenizer/tokenizer_config.json": "{}",
+        "modelcard.md": "card",
+    }
+    plan, _ = _plan(write_model(tmp_path / "model", mlmodel, files))
+    groups = {
+        comment: sorted(e.path for e in entries)
+        for _, comment, entries in assemble._plan_groups(plan)
+    }
+    assert groups["/opt/model/model: the flavor's model"] == [
+        "/opt/model/model/config.json",
+        "/opt/model/model/model.safetensors",
+    ]
+    assert groups["/opt/model/components/tokenizer: the flavor's components/tokenizer"] == [
+        "/opt/model/components/tokenizer/tokenizer.json",
+        "/opt/model/components/tokenizer/tokenizer_config.json",
+    ]
+    rest = groups["/opt/model: MLmodel, environment and weights"]
+    assert {"/opt/model/MLmodel", "/opt/model/modelcard.md"} <= set(rest)
+    assert not any(p.startswith(("/opt/model/model/", "/opt/model/components/")) for p in rest)
+    # Other flavors keep one model layer: a pickled model's file is not split off.
+    sk_plan, _ = _plan(write_model(tmp_path / "sk", PYFUNC_SKLEARN))
+    assert [k for k, _, _ in assemble._plan_groups(sk_plan)].count("directory") == 0
