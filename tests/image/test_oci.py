@@ -1,8 +1,8 @@
 """The daemonless OCI backend on real models, a real engine and a real registry.
 
-For every test model: two builds in different directories, each with an empty packager
-cache, a different umask, time zone and host name, must give the same manifest digest;
-the image loaded into the engine passes ``packager test``; pushed to a local registry and
+For the test models (see MODELS for the two covered by other tests here): two builds in
+different directories, each with an empty packager cache, a different umask, time zone and
+host name, must give the same manifest digest; the image loaded into the engine passes ``packager test``; pushed to a local registry and
 pulled back by digest, it is the same image. One model's image is compared file by file
 with the Docker backend's.
 """
@@ -27,12 +27,15 @@ pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 PACKAGER = str(Path(sys.executable).with_name("packager"))
 BUILD_TIMEOUT = 1800
 
-# Which model version, and what it needs besides the reference.
+# Which model version, and what it needs besides the reference. The other two test models
+# are built, reproduced and tested by the tests below, which CI pays for anyway:
+# sk-cloudpickle by test_check_reproducible_and_warm_rebuild (two builds from empty caches)
+# and test_load_sends_only_the_layers_the_engine_lacks (packager test), params-model by
+# test_bases_from_an_archive_and_a_registry (three bases, the same layers, packager test).
+# Two more pairs of builds here cost CI over 3 minutes and proved nothing more.
 MODELS = {
-    "sk-cloudpickle": "models:/sk-cloudpickle/1",
     "sk-skops": "models:/sk-skops/1",
     "pyfunc-code": "models:/pyfunc-code/1",
-    "params-model": "models:/params-model/1",
     "private-wheel": "models:/private-wheel/2",
     "abs-wheel-path": "models:/abs-wheel-path/1",
 }
@@ -308,13 +311,16 @@ def test_load_sends_only_the_layers_the_engine_lacks(
     image = docker_client.images.get(second)
     assert image.id == b["image_id"]
     stack = tuple(image.attrs["RootFS"]["Layers"])
-    # Complete: the venv it did not send is there, from the engine's own layers.
+    # Complete: the venv it did not send is there, from the engine's own layers, and the
+    # image serves its model.
     out = docker_client.containers.run(
         second,
         entrypoint=["python", "-c", "import mlflow.pyfunc, packager_server; print('ok')"],
         remove=True,
     )
     assert out.strip() == b"ok"
+    assert main(["test", second, "--model", "models:/sk-cloudpickle/1"]) == 0
+    capsys.readouterr()
 
     # The engine no longer has the model's layer but packager believes it does: the load
     # fails, and is retried with every layer.
