@@ -2,9 +2,9 @@
 
 For the test models (see MODELS for the two covered by other tests here): two builds in
 different directories, each with an empty packager cache, a different umask, time zone and
-host name, must give the same manifest digest; the image loaded into the engine passes ``packager test``; pushed to a local registry and
-pulled back by digest, it is the same image. One model's image is compared file by file
-with the Docker backend's.
+host name, must give the same manifest digest; the image loaded into the engine passes
+``packager test``; pushed to a local registry and pulled back by digest, it is the same
+image. One model's image is compared file by file with the Docker backend's.
 """
 
 from __future__ import annotations
