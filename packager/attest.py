@@ -59,13 +59,15 @@ class BuildOptions:
     keep_tests: bool = False
     mlflow_skinny: bool = False
     ignore_conda: bool = False
+    backend: str = "oci"  # "docker": the engine's images are not byte-reproducible
 
-    def as_json(self) -> dict[str, bool]:
+    def as_json(self) -> dict[str, bool | str]:
         return {
             "bytecode": self.bytecode,
             "keepTests": self.keep_tests,
             "mlflowSkinny": self.mlflow_skinny,
             "ignoreConda": self.ignore_conda,
+            "backend": self.backend,
         }
 
 
@@ -316,6 +318,7 @@ class Recipe:
     lock_digest: str
     lock_text: str
     options: BuildOptions
+    packager_version: str  # the packager that built the image
 
 
 class ProvenanceError(ValueError):
@@ -329,6 +332,17 @@ def recipe_from(statement_document: bytes) -> Recipe:
         statement = json.loads(statement_document)
     except ValueError as err:
         raise ProvenanceError(f"the provenance is not JSON: {err}") from err
+    try:
+        return _recipe(statement)
+    except (AttributeError, TypeError, KeyError, ValueError) as err:
+        if isinstance(err, ProvenanceError):
+            raise
+        raise ProvenanceError(
+            f"the provenance is not shaped as packager writes it ({err})"
+        ) from err
+
+
+def _recipe(statement: Any) -> Recipe:
     if statement.get("_type") != STATEMENT_TYPE or statement.get("predicateType") != (
         SLSA_PROVENANCE
     ):
@@ -368,5 +382,9 @@ def recipe_from(statement_document: bytes) -> Recipe:
             keep_tests=bool(options.get("keepTests", False)),
             mlflow_skinny=bool(options.get("mlflowSkinny", False)),
             ignore_conda=bool(options.get("ignoreConda", False)),
+            backend=str(options.get("backend", "oci")),
+        ),
+        packager_version=str(
+            statement["predicate"]["runDetails"]["builder"]["version"]["packager"]
         ),
     )

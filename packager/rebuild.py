@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from packager import api, attest, publish
+from packager import __version__, api, attest, publish
 from packager.cache import ModelCache
 from packager.env.inputs import IndexOptions
 from packager.env.lock import read_lock
@@ -41,6 +41,7 @@ class RebuildReport:
     base: str  # the base reference, and the digest it had
     base_digest: str
     lock_digest: str
+    built_by: str  # the packager version that built the image
     rebuilt: str  # the rebuild's manifest digest
     reproducible: bool
     first_difference: str | None
@@ -79,14 +80,31 @@ def rebuild(
             ) from err
         if recipe.subject != digest:
             raise RebuildError(f"the provenance pushed next to {image} is about {recipe.subject}")
+        if recipe.options.backend != "oci":
+            raise RebuildError(
+                f"{image} was built with the {recipe.options.backend} backend, whose images "
+                "do not reproduce byte for byte",
+                hint="only images built with the OCI backend (the default) can be rebuilt "
+                "and compared",
+            )
+        if recipe.packager_version != __version__:
+            # Not refused: nothing may have changed. But a mismatch then has a likely cause.
+            log.warning(
+                "%s was built by packager %s, this is packager %s: if the digests differ, "
+                "rebuild with packager %s",
+                image,
+                recipe.packager_version,
+                __version__,
+                recipe.packager_version,
+            )
+        lock_path = scratch / "requirements.lock"
+        lock_path.write_text(recipe.lock_text)
+        target = read_lock(lock_path).target
         root = scratch / "cache"
         cache = ModelCache(root)
         _check_model(recipe, registry, cache, progress)
         base_reference = base_image or recipe.base_reference
-        _check_base(recipe, base_reference, blobs.BlobStore(root / "oci"))
-        lock_path = scratch / "requirements.lock"
-        lock_path.write_text(recipe.lock_text)
-        target = read_lock(lock_path).target
+        _check_base(recipe, base_reference, blobs.BlobStore(root / "oci"), target.platform)
         options = api.ImageOptions(
             base_image=base_reference,
             bytecode=recipe.options.bytecode,
@@ -123,6 +141,7 @@ def rebuild(
         base=recipe.base_reference,
         base_digest=recipe.base_digest,
         lock_digest=recipe.lock_digest,
+        built_by=recipe.packager_version,
         rebuilt=built.manifest_digest,
         reproducible=built.manifest_digest == digest,
         first_difference=difference,
@@ -152,10 +171,13 @@ def _check_model(
         )
 
 
-def _check_base(recipe: attest.Recipe, reference: str, store: blobs.BlobStore) -> None:
-    """The base must be the very one the release used (its manifest digest)."""
+def _check_base(
+    recipe: attest.Recipe, reference: str, store: blobs.BlobStore, platform: str
+) -> None:
+    """The base must be the very one the release used (its manifest digest), for the
+    lock's platform."""
     try:
-        base = bases.load_base(reference, store, client_factory=engine.connect)
+        base = bases.load_base(reference, store, client_factory=engine.connect, platform=platform)
     except PackagerError as err:
         raise RebuildError(
             f"the base {reference} is not available here: {err.message}",

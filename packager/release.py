@@ -213,6 +213,7 @@ def release_model(
                 epoch,
                 options.attestations_dir,
                 image=options.image,
+                backend=options.backend,
                 cache_root=root,
             )
     with timer("record"):
@@ -313,6 +314,7 @@ def _attest(
     directory: Path | None,
     *,
     image: api.ImageOptions,
+    backend: Backend,
     cache_root: Path,
 ) -> tuple[publish.PushedAttestation, ...]:
     """The SBOM and the provenance statement of the pushed image, pushed next to it (and
@@ -340,6 +342,7 @@ def _attest(
             keep_tests=image.keep_tests,
             mlflow_skinny=image.lock.mlflow_skinny,
             ignore_conda=image.lock.ignore_conda,
+            backend=backend,
         ),
     )
     documents = (

@@ -147,7 +147,10 @@ def test_check_accepts_its_own_attestations_and_names_each_mismatch() -> None:
     assert len(attest.check(DIGEST, wrong_lock, sbom, statement)) == 1
 
 
-LOCK_TEXT = "# packager lock\nnumpy==2.1.3 \\\n    --hash=sha256:" + "9" * 64 + "\n"
+LOCK_TEXT = (
+    "# packager lock v1\n# target: python 3.11 (3.11.9) linux/arm64\n"
+    "numpy==2.1.3 \\\n    --hash=sha256:" + "9" * 64 + "\n"
+)
 
 
 def with_lock() -> attest.ImageFacts:
@@ -173,6 +176,7 @@ def test_the_provenance_carries_what_a_rebuild_needs() -> None:
     )
     assert recipe.lock_text == LOCK_TEXT
     assert recipe.lock_digest == with_lock().lock_digest
+    assert recipe.packager_version == __version__
     assert recipe.options == attest.BuildOptions(
         bytecode=False, keep_tests=True, mlflow_skinny=True
     )
@@ -199,3 +203,7 @@ def test_a_provenance_that_cannot_be_followed_says_why() -> None:
     statement["predicate"]["buildDefinition"]["buildType"] = "https://example.com/other"
     with pytest.raises(attest.ProvenanceError, match="not packager's"):
         attest.recipe_from(json.dumps(statement).encode())
+    # Valid JSON of another shape: a clear refusal, not a traceback.
+    for other in (b"[]", b'{"_type": 1, "predicateType": []}', b"null"):
+        with pytest.raises(attest.ProvenanceError):
+            attest.recipe_from(other)

@@ -67,3 +67,30 @@ def test_a_provenance_about_another_image_is_refused(monkeypatch: pytest.MonkeyP
     monkeypatch.setattr(publish, "fetch_attestations", lambda *_a, **_k: _fetched(statement))
     with pytest.raises(RebuildError, match=r"is about sha256:a{64}"):
         rebuild.rebuild(IMAGE)
+
+
+def test_a_docker_backend_image_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    docker_built = replace(with_lock(), options=attest.BuildOptions(backend="docker"))
+    statement = attest.provenance_statement(docker_built)
+    monkeypatch.setattr(publish, "fetch_attestations", lambda *_a, **_k: _fetched(statement))
+    with pytest.raises(RebuildError, match="built with the docker backend"):
+        rebuild.rebuild(IMAGE)
+
+
+@pytest.mark.usefixtures("provenance")
+def test_the_base_is_loaded_for_the_lock_s_platform(monkeypatch: pytest.MonkeyPatch) -> None:
+    same = with_lock().provenance.content_digest
+    monkeypatch.setattr(rebuild, "fetch_model", lambda *_a, **_k: _Sourced(same))
+    asked: list[str] = []
+
+    class _StopError(Exception):
+        pass
+
+    def load_base(*_a: object, platform: str = "linux/amd64", **_k: object) -> None:
+        asked.append(platform)
+        raise _StopError
+
+    monkeypatch.setattr(bases, "load_base", load_base)
+    with pytest.raises(_StopError):
+        rebuild.rebuild(IMAGE)
+    assert asked == ["linux/arm64"]  # the lock's target, not the default amd64
