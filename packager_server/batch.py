@@ -38,7 +38,9 @@ fails alone. The output is written to a temporary file beside it and renamed int
 only when every row was scored: nothing is left behind on failure.
 
 Exit codes: 0 done, 1 a row (or the input) could not be scored, 2 bad arguments, 3 the
-model could not be loaded.
+model could not be loaded, 128 + the signal's number when stopped by SIGTERM (``docker
+stop``) or SIGINT. A stop is heeded between chunks and while waiting for a worker; the
+cleanup and the final rename are not interrupted.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Literal
@@ -91,12 +93,38 @@ JSON = "application/json"
 _PROGRESS_SECONDS = 5.0
 
 
+_POLL_SECONDS = 0.2
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 class _Stopped(BaseException):
-    """SIGTERM (``docker stop``): unwind, so the partial output is removed."""
+    """SIGTERM (``docker stop``) or SIGINT: unwind, so the partial output is removed."""
+
+
+_signalled = 0  # the stop signal received, if any
 
 
 def _stop(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
-    raise _Stopped
+    """Only note the signal: raising here could interrupt any statement, cleanup
+    included; :func:`_check_stop` raises where stopping is safe (between chunks, in
+    waits)."""
+    global _signalled  # noqa: PLW0603 - a signal handler's one way out
+    _signalled = signum
+
+
+def _check_stop() -> None:
+    if _signalled:
+        raise _Stopped
+
+
+@contextlib.contextmanager
+def _stop_signals_blocked() -> Iterator[None]:
+    """No stop signal delivered to this thread in the block (one that comes waits)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -331,13 +359,14 @@ def atomic_output(path: Path) -> Iterator[IO[bytes]]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        umask = os.umask(0o022)
-        os.umask(umask)
-        # mkstemp's 0600 is not what a plain write gives
-        Path(temporary).chmod(0o666 & ~umask)
-        Path(temporary).replace(path)
+        with _stop_signals_blocked():
+            umask = os.umask(0o022)
+            os.umask(umask)
+            # mkstemp's 0600 is not what a plain write gives
+            Path(temporary).chmod(0o666 & ~umask)
+            Path(temporary).replace(path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with _stop_signals_blocked(), contextlib.suppress(FileNotFoundError):
             Path(temporary).unlink()
         raise
 
@@ -392,18 +421,24 @@ def run(config: PredictConfig) -> int:
     log.info("model loaded in %.2fs", time.monotonic() - started)
     workers = _workers(config, scorer, supervisor, before, warm_seconds)
     progress = _Progress()
-    signal.signal(signal.SIGTERM, _stop)  # while loading, the default (nothing to remove)
+    global _signalled  # noqa: PLW0603 - see _stop
+    _signalled = 0
+    for signum in _STOP_SIGNALS:  # while loading, the defaults (nothing to remove)
+        signal.signal(signum, _stop)
     try:
         chunks = read_chunks(config.input, config.content_type, config.chunk_rows)
         with atomic_output(config.output) as out:
             output = "csv" if config.content_type == "csv" else "jsonl"
             wrote_header = False
-            for header, body, rows in _scored(scorer, chunks, workers, output):
-                if not wrote_header:
-                    out.write(header)
-                    wrote_header = True
-                out.write(body)
-                progress.add(rows)
+            scored = _scored(scorer, chunks, workers, output)
+            with contextlib.closing(scored):  # the workers stopped before the output goes
+                for header, body, rows in scored:
+                    if not wrote_header:
+                        out.write(header)
+                        wrote_header = True
+                    out.write(body)
+                    progress.add(rows)
+                    _check_stop()
     except BatchError as err:
         log.error("%s: %s (nothing was written to %s)", config.input, err, config.output)  # noqa: TRY400
         return EXIT_FAILED
@@ -411,8 +446,19 @@ def run(config: PredictConfig) -> int:
         log.error("%s: not UTF-8 text (%s)", config.input, err.reason)  # noqa: TRY400
         return EXIT_FAILED
     except (_Stopped, KeyboardInterrupt):
-        log.error("stopped after %d rows; nothing was written to %s", progress.rows, config.output)  # noqa: TRY400
-        return 128 + signal.SIGTERM
+        stopped_by = _signalled or signal.SIGINT
+        log.error(  # noqa: TRY400
+            "stopped (%s) after %d rows; nothing was written to %s",
+            signal.Signals(stopped_by).name,
+            progress.rows,
+            config.output,
+        )
+        return 128 + stopped_by
+    if _signalled:  # it came while the finished output was being put in place
+        log.info(
+            "%s came after every row was scored: the output is complete",
+            signal.Signals(_signalled).name,
+        )
     progress.done(config.output)
     return 0
 
@@ -440,7 +486,7 @@ def _workers(
     return config.workers
 
 
-Scored = Iterator[tuple[bytes, bytes, int]]
+Scored = Generator[tuple[bytes, bytes, int], None, None]
 
 
 def _scored(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) -> Scored:
@@ -475,19 +521,14 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
         pipes.append(ours)
         pids.append(pid)
     pending: deque[tuple[int, Chunk]] = deque()
+    finished = False
     try:
         for index, chunk in zip(range(workers), chunks, strict=False):
             pipes[index].send(chunk)
             pending.append((index, chunk))
         while pending:
             index, chunk = pending.popleft()
-            try:
-                ok, *result = pipes[index].recv()
-            except EOFError:
-                raise BatchError(
-                    f"rows {chunk.first_row}-{chunk.first_row + chunk.rows - 1}: the worker "
-                    "scoring them died (out of memory?)"
-                ) from None
+            ok, *result = _receive(pipes[index], chunk)
             if not ok:
                 raise BatchError(result[0])
             yield result[0], result[1], chunk.rows
@@ -495,14 +536,29 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
             if following is not None:
                 pipes[index].send(following)
                 pending.append((index, following))
+        finished = True
     finally:
-        for pipe in pipes:
-            pipe.close()
-        for pid in pids:
-            if pending:  # stopped early: the workers' chunks are not wanted
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
+        with _stop_signals_blocked():
+            for pipe in pipes:
+                pipe.close()
+            for pid in pids:
+                if not finished:  # stopped early: the workers' chunks are not wanted
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+
+
+def _receive(pipe: Connection, chunk: Chunk) -> Any:
+    """The worker's answer for the chunk; a stop signal is heeded while waiting."""
+    while not pipe.poll(_POLL_SECONDS):
+        _check_stop()
+    try:
+        return pipe.recv()
+    except EOFError:
+        raise BatchError(
+            f"rows {chunk.first_row}-{chunk.first_row + chunk.rows - 1}: the worker "
+            "scoring them died (out of memory?)"
+        ) from None
 
 
 def _work(scorer: Scorer, pipe: Connection, output: str) -> None:

@@ -6,12 +6,21 @@ from __future__ import annotations
 import codecs
 import io
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Literal
 
 _READ_BLOCK = 1 << 20
+_MAX_RECORD = 64 << 20  # bytes of one CSV record or JSON array element
+_COMMA = ord(",")
+# A CSV line that ends outside quotes, given it starts a record: fields, each quoted ('"'
+# at its start; '""' inside; the closing '"' never followed by another; then whatever
+# comes up to the comma, '"' included) or unquoted (not starting with '"': anything but
+# a comma, '"' included).
+_FIELD = rb'(?:"[^"]*(?:""[^"]*)*"(?!")[^,\n]*|(?:[^,"\n][^,\n]*)?)'
+_CLOSED_LINE = re.compile(rb"%s(?:,%s)*\n?" % (_FIELD, _FIELD))
 
 Kind = Literal["csv", "jsonl", "parquet", "document"]
 
@@ -67,18 +76,59 @@ def _batched(kind: Kind, header: bytes, records: Iterator[bytes], size: int) -> 
 
 
 def _csv_records(f: IO[bytes]) -> Iterator[bytes]:
-    """CSV records as raw bytes; a quoted field may hold line breaks (RFC 4180: a record
-    ends at a line break outside quotes, i.e. after an even number of quotes)."""
-    pending = b""
-    for line in f:
-        pending += line
-        if pending.count(b'"') % 2:
+    """CSV records as raw bytes. A quoted field may hold line breaks: a record ends at a
+    line break outside quotes. As in pandas' parser, a '"' opens a quoted field only at
+    the start of a field; elsewhere it is a literal character (``1,5" pipe``)."""
+    parts: list[bytes] = []  # the lines of a record inside a quoted field
+    size = 0
+    opened = 0  # the line the pending record starts on
+    for number, line in enumerate(f, start=1):
+        if not parts:
+            if b'"' not in line:  # the common case: the line is the record
+                if line.strip():
+                    yield line if line.endswith(b"\n") else line + b"\n"
+                continue
+            if _CLOSED_LINE.fullmatch(line):
+                yield line if line.endswith(b"\n") else line + b"\n"
+                continue
+            opened = number
+        elif not _ends_in_quotes(line, in_quotes=True):
+            parts.append(line)
+            record = b"".join(parts)
+            parts, size = [], 0
+            yield record if record.endswith(b"\n") else record + b"\n"
             continue
-        if pending.strip():
-            yield pending if pending.endswith(b"\n") else pending + b"\n"
-        pending = b""
-    if pending.strip():
-        raise BatchError("the file ends inside a quoted CSV field (an unbalanced '\"')")
+        parts.append(line)
+        size += len(line)
+        if size > _MAX_RECORD:
+            raise BatchError(
+                f"line {opened}: a quoted CSV field opened there runs on for more than "
+                f"{_MAX_RECORD >> 20} MiB (an unbalanced '\"'?)"
+            )
+    if parts:
+        raise BatchError(
+            f"the file ends inside a quoted CSV field (an unbalanced '\"'), opened on line {opened}"
+        )
+
+
+def _ends_in_quotes(line: bytes, *, in_quotes: bool) -> bool:
+    """Whether ``line`` ends inside a quoted field (``in_quotes``: it starts in one)."""
+    i = 0
+    while True:
+        if in_quotes:
+            j = line.find(b'"', i)
+            if j < 0:
+                return True
+            if line[j + 1 : j + 2] == b'"':  # an escaped quote
+                i = j + 2
+                continue
+            in_quotes, i = False, j + 1
+            continue
+        j = line.find(b'"', i)
+        if j < 0:
+            return False
+        # opens a quoted field at the start of one; literal anywhere else
+        in_quotes, i = (j == 0 or line[j - 1] == _COMMA), j + 1
 
 
 def _csv_chunks(f: IO[bytes], chunk_rows: int) -> Iterator[Chunk]:
@@ -123,10 +173,17 @@ def _json_array(start: bytes, f: IO[bytes]) -> Iterator[bytes]:
     expect_value = True
 
     def more() -> bool:
+        """Read on, for an element cut by the end of the buffer."""
         nonlocal text, pos, eof
         if eof:
             return False
-        block = f.read(_READ_BLOCK)
+        if len(text) - pos > _MAX_RECORD:
+            raise BatchError(
+                f"row {row + 1}: an element of the JSON array longer than "
+                f"{_MAX_RECORD >> 20} MiB (or one that is not valid JSON)"
+            )
+        # as much again as is pending: a long element is decoded a few times, not once a block
+        block = f.read(max(_READ_BLOCK, len(text) - pos))
         eof = not block
         text = text[pos:] + utf8.decode(block, final=eof)
         pos = 0
@@ -150,15 +207,27 @@ def _json_array(start: bytes, f: IO[bytes]) -> Iterator[bytes]:
         try:
             _, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            if more():  # the element may go on in the next block
+            if _cut(err, len(text)) and more():  # the element may go on in the next block
                 continue
             raise BatchError(f"row {row + 1}: not valid JSON ({err.msg})") from None
-        if end == len(text) and not eof and more():  # a number may go on
+        if end >= len(text) - _TOKEN and not eof and more():  # a number may go on
             continue
         row += 1
         element = text[pos:end].replace("\r", " ").replace("\n", " ")
         yield element.encode() + b"\n"
         pos, expect_value = end, False
+
+
+# longer than any token a cut can leave the decoder failing before (``-Infinity``, a
+# surrogate pair's two ``\\uXXXX``, a number's ``1.5e+``)
+_TOKEN = 16
+
+
+def _cut(err: json.JSONDecodeError, length: int) -> bool:
+    """Whether the decode error may be the end of the buffer cutting the element short:
+    an error within a token of the end, or a string not closed before it. Any other
+    error is in the element itself: reading on would not mend it."""
+    return err.pos >= length - _TOKEN or err.msg.startswith("Unterminated string")
 
 
 def _parquet_chunks(path: Path, chunk_rows: int) -> Iterator[Chunk]:

@@ -3,10 +3,16 @@ real command on a real model."""
 
 from __future__ import annotations
 
+import gc
+import io
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +47,34 @@ def test_csv_chunks_keep_the_header_and_count_rows_across_quoted_line_breaks(
 def test_a_csv_file_ending_inside_quotes_is_an_error(tmp_path: Path) -> None:
     source = _write(tmp_path / "in.csv", 'a\n"open\n')
     with pytest.raises(BatchError, match="ends inside a quoted CSV field"):
+        list(read_chunks(source, "csv", 10))
+
+
+def test_a_quote_inside_an_unquoted_csv_field_is_a_literal_character(tmp_path: Path) -> None:
+    """As in pandas' parser: a '"' opens a quoted field only at the start of a field."""
+    import pandas as pd
+
+    text = 'a,b\n1,5" pipe\n2,x\n3,"y\nz ""q"""\n4,"w"x"\n"5",v\n'
+    source = _write(tmp_path / "in.csv", text)
+    (chunk,) = read_chunks(source, "csv", 10)
+    assert chunk.records == (
+        b'1,5" pipe\n',
+        b"2,x\n",
+        b'3,"y\nz ""q"""\n',
+        b'4,"w"x"\n',
+        b'"5",v\n',
+    )
+    frame = pd.read_csv(io.BytesIO(chunk.header + b"".join(chunk.records)))
+    assert len(frame) == chunk.rows == 5
+    assert frame["b"].tolist() == ['5" pipe', "x", 'y\nz "q"', 'wx"', "v"]
+
+
+def test_a_csv_field_that_never_closes_is_an_error_naming_its_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(batch_input, "_MAX_RECORD", 1000, raising=False)
+    source = _write(tmp_path / "in.csv", 'a\n1\n"open\n' + "2\n" * 10_000)
+    with pytest.raises(BatchError, match=r"^line 3: a quoted CSV field opened there runs on"):
         list(read_chunks(source, "csv", 10))
 
 
@@ -84,6 +118,43 @@ def test_a_broken_json_array_names_the_row(tmp_path: Path, text: str, error: str
     source = _write(tmp_path / "in.json", text)
     with pytest.raises(BatchError, match=error):
         list(read_chunks(source, "json", 10))
+
+
+def _json_elements(data: bytes) -> tuple[list[bytes], io.BytesIO]:
+    f = io.BytesIO(data)
+    elements = list(batch_input._json_array(f.read(batch_input._READ_BLOCK), f))
+    return elements, f
+
+
+def test_a_malformed_json_element_is_reported_without_reading_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batch_input, "_READ_BLOCK", 1024)
+    data = b'[{"x": 1}, {"x": tru e}, ' + b'{"x": 1}, ' * 50_000 + b'{"x": 1}]'
+    with pytest.raises(BatchError, match="row 2: not valid JSON") as caught:
+        _json_elements(data)
+    f = caught.traceback[-1].frame.f_locals["f"]
+    assert f.tell() <= 4 * 1024  # not the rest of the file
+
+
+def test_a_json_element_over_the_cap_is_an_error_naming_its_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(batch_input, "_READ_BLOCK", 1024)
+    monkeypatch.setattr(batch_input, "_MAX_RECORD", 4096, raising=False)
+    data = b'[{"x": 1}, "' + b"a" * 100_000 + b'"]'
+    with pytest.raises(BatchError, match="row 2: an element of the JSON array longer than"):
+        _json_elements(data)
+
+
+@pytest.mark.parametrize("block", range(1, 12))
+def test_json_numbers_cut_by_a_block_are_read_whole(
+    monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    monkeypatch.setattr(batch_input, "_READ_BLOCK", block)
+    rows = [1.5, -2.25e-05, 123456.75, "x", 7]
+    elements, _ = _json_elements(json.dumps(rows).encode())
+    assert [json.loads(e) for e in elements] == rows
 
 
 def test_a_json_request_document_is_one_chunk(tmp_path: Path) -> None:
@@ -182,6 +253,172 @@ def test_nothing_is_left_on_failure_and_an_old_output_is_kept(tmp_path: Path) ->
         fail()
     assert list(tmp_path.iterdir()) == [target]
     assert target.read_bytes() == b"previous run"
+
+
+# -- stop signals ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def stop_handler(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """batch's SIGTERM/SIGINT handler installed, as by ``run``; the previous ones after."""
+    monkeypatch.setattr(batch, "_signalled", 0, raising=False)
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    for s in previous:
+        signal.signal(s, batch._stop)
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _signal_self() -> None:
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.usefixtures("stop_handler")
+def test_sigterm_is_heeded_between_chunks_not_wherever_it_lands() -> None:
+    _signal_self()
+    for _ in range(100):  # bytecode boundaries, where a raising handler would strike
+        pass
+    with pytest.raises(batch._Stopped):
+        batch._check_stop()
+
+
+@pytest.mark.usefixtures("stop_handler")
+def test_sigterm_during_cleanup_still_removes_the_partial_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unlink = Path.unlink
+
+    def signalled_unlink(self: Path, missing_ok: bool = False) -> None:
+        _signal_self()
+        unlink(self, missing_ok=missing_ok)
+
+    def fail() -> None:
+        with atomic_output(tmp_path / "out.csv") as out:
+            out.write(b"half")
+            raise BatchError("row 7: boom")
+
+    monkeypatch.setattr(Path, "unlink", signalled_unlink)
+    with pytest.raises(BatchError):
+        fail()
+    assert list(tmp_path.iterdir()) == []
+    assert batch._signalled == signal.SIGTERM  # noted, for the next check
+
+
+def _fake_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    """run() with FakeScorer in place of a loaded model."""
+    from packager_server import scoring, supervisor
+
+    monkeypatch.setattr(supervisor, "_import_mlflow", lambda: None)
+    monkeypatch.setattr(supervisor, "load_model", lambda _config: (None, {}))
+    monkeypatch.setattr(supervisor, "_warm_up", lambda _scorer, _model_dir: None)
+    monkeypatch.setattr(scoring, "Scorer", lambda _model, **_options: FakeScorer())
+
+
+@pytest.mark.usefixtures("stop_handler")
+def test_sigterm_after_the_rename_reports_the_complete_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    _fake_model(monkeypatch)
+    replace = Path.replace
+
+    def signalled_replace(self: Path, target: Path) -> Path:
+        done = replace(self, target)
+        _signal_self()
+        return done
+
+    monkeypatch.setattr(Path, "replace", signalled_replace)
+    source = _write(tmp_path / "in.csv", "x\n1\n2\n3\n")
+    out = tmp_path / "out.csv"
+    config = batch.PredictConfig(
+        model_dir=tmp_path, input=source, output=out, content_type="csv", workers=1, chunk_rows=2
+    )
+    with caplog.at_level("INFO", logger="packager_server.predict"):
+        code = batch.run(config)
+    assert out.read_text() == "prediction\n2.0\n4.0\n6.0\n"
+    assert code == 0
+    assert "nothing was written" not in caplog.text
+    assert "SIGTERM came after every row was scored: the output is complete" in caplog.text
+
+
+def _workers_forked(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    pids: list[int] = []
+    fork = os.fork
+
+    def recorded_fork() -> int:
+        pid = fork()
+        if pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recorded_fork)
+    return pids
+
+
+def _reaped(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+@pytest.mark.usefixtures("stop_handler")
+def test_sigterm_while_the_workers_are_reaped_still_kills_and_reaps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pids = _workers_forked(monkeypatch)
+    waitpid = os.waitpid
+
+    def signalled_waitpid(pid: int, options: int) -> tuple[int, int]:
+        _signal_self()
+        return waitpid(pid, options)
+
+    chunks = iter([_csv_chunk(1 + 2 * i, ["1", "2"]) for i in range(6)])
+    scored = batch._forked(FakeScorer(), chunks, 2, "csv")  # type: ignore[arg-type]
+    try:
+        assert next(scored)[1] == b"2.0\n4.0\n"
+        monkeypatch.setattr(os, "waitpid", signalled_waitpid)
+        scored.close()  # stopped early: the other worker's chunk is not wanted
+        monkeypatch.setattr(os, "waitpid", waitpid)
+        assert len(pids) == 2
+        assert all(_reaped(pid) for pid in pids)
+    finally:
+        gc.unfreeze()
+
+
+class SlowScorer(FakeScorer):
+    """Leaves ``marker`` when a minute's scoring was not cut short."""
+
+    def __init__(self, marker: Path) -> None:
+        super().__init__()
+        self.marker = marker
+
+    def invoke(self, body: bytes, content_type: str | None) -> Answer:
+        time.sleep(60)
+        self.marker.touch()
+        return super().invoke(body, content_type)
+
+
+@pytest.mark.usefixtures("stop_handler")
+def test_sigterm_while_waiting_for_a_worker_stops_and_kills_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pids = _workers_forked(monkeypatch)
+    marker = tmp_path / "scored"
+    chunks = iter([_csv_chunk(1, ["1"])])  # the last chunk in flight: none pending
+    scored = batch._forked(SlowScorer(marker), chunks, 1, "csv")  # type: ignore[arg-type]
+    timer = threading.Timer(0.3, _signal_self)
+    timer.start()
+    try:
+        with pytest.raises(batch._Stopped):
+            next(scored)
+        assert len(pids) == 1
+        assert _reaped(pids[0])
+        assert not marker.exists()  # killed mid-chunk, not waited for
+    finally:
+        timer.cancel()
+        gc.unfreeze()
 
 
 # -- the command, on a real model --------------------------------------------------------------
@@ -283,5 +520,6 @@ def test_sigterm_mid_run_stops_the_workers_and_leaves_nothing(
             process.send_signal(signal.SIGTERM)
             code = process.wait(timeout=60)
     assert code == 128 + signal.SIGTERM
+    assert "stopped (SIGTERM) after" in (tmp_path / "err").read_text()
     assert "nothing was written" in (tmp_path / "err").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv"]
