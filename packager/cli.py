@@ -524,6 +524,14 @@ def _lock(args: argparse.Namespace) -> int:
 
 
 def _write_atomically(path: Path, text: str) -> None:
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # /dev/stdout, a FIFO: written in place (a rename would replace the device or link
+        # with a regular file)
+        try:
+            path.write_text(text)
+        except OSError as err:
+            raise UsageError(f"cannot write {path}: {err.strerror}") from err
+        return
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_text(text)

@@ -352,7 +352,15 @@ def formatted(predictions: list[Any], output: str) -> tuple[bytes, bytes]:
 
 @contextlib.contextmanager
 def atomic_output(path: Path) -> Iterator[IO[bytes]]:
-    """A file that becomes ``path`` only if the block completes; removed otherwise."""
+    """A file that becomes ``path`` only if the block completes; removed otherwise.
+
+    A ``path`` that is not a regular file (``/dev/null``, ``/dev/stdout``, a FIFO) or a
+    symbolic link is written in place: renaming over it would replace the device or link
+    with a regular file (as root, ``/dev/null`` itself)."""
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        with path.open("wb") as direct:
+            yield direct
+        return
     fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:

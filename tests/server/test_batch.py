@@ -523,3 +523,24 @@ def test_sigterm_mid_run_stops_the_workers_and_leaves_nothing(
     assert "stopped (SIGTERM) after" in (tmp_path / "err").read_text()
     assert "nothing was written" in (tmp_path / "err").read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv"]
+
+
+def test_output_to_a_fifo_or_device_is_written_in_place(tmp_path: Path) -> None:
+    """Renaming a temporary file over /dev/null (as root) turns it into a regular file for
+    the whole machine; a FIFO stands in for the device here."""
+    import os
+    import threading
+
+    from packager_server.batch import atomic_output
+
+    fifo = tmp_path / "out.fifo"
+    os.mkfifo(fifo)
+    received: list[bytes] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    with atomic_output(fifo) as out:
+        out.write(b"1\n2\n")
+    reader.join(timeout=10)
+    assert received == [b"1\n2\n"]
+    assert fifo.is_fifo()
+    assert [p.name for p in tmp_path.iterdir()] == ["out.fifo"]  # no .partial beside it

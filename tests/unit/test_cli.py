@@ -184,3 +184,21 @@ def test_help_describes_arguments_and_shows_examples(
     text = " ".join(capsys.readouterr().out.split())
     for needle in needles:
         assert " ".join(needle.split()) in text, needle
+
+
+def test_lock_output_to_a_fifo_is_written_in_place(tmp_path: Path) -> None:
+    """`-o /dev/stdout` or a FIFO: a rename would replace it with a regular file."""
+    import os
+    import threading
+
+    from packager.cli import _write_atomically
+
+    fifo = tmp_path / "lock.fifo"
+    os.mkfifo(fifo)
+    received: list[str] = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    _write_atomically(fifo, "numpy==2.1.3\n")
+    reader.join(timeout=10)
+    assert received == ["numpy==2.1.3\n"]
+    assert fifo.is_fifo()
