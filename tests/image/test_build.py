@@ -270,7 +270,6 @@ def test_an_interrupted_build_leaves_no_tag(
         _check_venv(docker_client, tag, bytecode=False, keep_tests=True)
         assert main(["test", tag, "--model", "models:/sk-cloudpickle/1"]) == 0
         docker_client.images.remove(tag, force=True)
-        docker_client.images.remove(tag, force=True)
     docker_client.images.remove(fresh_base, force=True)
 
 
