@@ -1447,9 +1447,10 @@ def _webhook_serve(args: argparse.Namespace) -> int:
             dispatch.JobTemplate(
                 packager_image=args.dispatch_image,
                 tracking_uri=args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+                registry_uri=args.registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or None,
                 namespace=args.dispatch_namespace,
                 env_from_secret=args.dispatch_secret,
-                release_args=("--base-image", image.base_image) if image.base_image else (),
+                release_args=_dispatch_release_args(args),
             ),
             stream=sys.stdout,
         )
@@ -1475,6 +1476,47 @@ def _webhook_serve(args: argparse.Namespace) -> int:
 
     service.serve(options, release, lambda: MlflowRegistry(source["options"]), started=started)
     return 0
+
+
+def _dispatch_release_args(args: argparse.Namespace) -> tuple[str, ...]:
+    """The serve flags a dispatched ``packager release`` gets too. Those that name this
+    machine's files or may hold credentials cannot go into a Job manifest: refused."""
+    local = [
+        flag
+        for flag, given in (
+            ("--lock", args.lock_file is not None),
+            ("--wheel-dir", bool(args.wheel_dir)),
+            ("--index-url", args.index_url is not None),
+            ("--extra-index-url", bool(args.extra_index_url)),
+            ("--conda-channel", bool(args.conda_channel)),
+        )
+        if given
+    ]
+    if local:
+        raise UsageError(
+            f"--dispatch cannot pass {', '.join(local)} to the Job: they name files on this "
+            "machine or may hold credentials",
+            hint="put indexes in the --dispatch-secret Secret (PIP_INDEX_URL, "
+            "PIP_EXTRA_INDEX_URL) and wheels or locks in the --dispatch-image, or release "
+            "here without --dispatch",
+        )
+    forwarded: list[str] = []
+    if args.base_image:
+        forwarded += ["--base-image", args.base_image]
+    for package in args.system_package:
+        forwarded += ["--system-package", package]
+    if not args.bytecode:
+        forwarded.append("--no-bytecode")
+    if args.keep_tests:
+        forwarded.append("--keep-tests")
+    forwarded += ["--resolver", args.resolver, "--platform", args.platform]
+    if args.python:
+        forwarded += ["--python", args.python]
+    if args.ignore_conda:
+        forwarded.append("--ignore-conda")
+    if args.mlflow_skinny:
+        forwarded.append("--mlflow-skinny")
+    return tuple(forwarded)
 
 
 def _webhook_jobs(args: argparse.Namespace) -> int:

@@ -6,11 +6,13 @@ release, running ``packager release`` for the job's model and image in the packa
 into a directory (applied by ``kubectl apply -f DIR``, a GitOps controller, or a sidecar)
 or to a stream (``--dispatch k8s-jobs:-`` for ``| kubectl apply -f -``).
 
-The Job's name comes from the job's key (model and image), so dispatching the same release
-twice (a retry, or a re-run after a crash) writes the same file and the same Job name:
-``kubectl apply`` creates it once. Credentials never enter the manifest: the tracking URI
-is written without them, and ``--dispatch-secret`` names a Secret whose keys become the
-container's environment (``MLFLOW_TRACKING_TOKEN``, ``PACKAGER_REGISTRY_USERNAME`` …).
+The Job's name comes from the job's key (model and image) and the queue's job id and
+attempt: a retry is a new Job (a finished Job is immutable, so reusing its name would
+dispatch nothing), and the release it runs answers "already released" when an earlier
+attempt got through. Credentials never enter the manifest: a tracking or registry URI that
+holds any is refused (the Job could not use it redacted); ``--dispatch-secret`` names a
+Secret whose keys become the container's environment (``MLFLOW_TRACKING_USERNAME``,
+``MLFLOW_TRACKING_PASSWORD``, ``MLFLOW_TRACKING_TOKEN``, ``PACKAGER_REGISTRY_USERNAME`` …).
 """
 
 from __future__ import annotations
@@ -42,10 +44,22 @@ class JobTemplate:
     """What every dispatched Job shares."""
 
     packager_image: str  # the image whose entrypoint path has `packager`
-    tracking_uri: str  # written without credentials
+    tracking_uri: str  # without credentials (refused otherwise)
+    registry_uri: str | None = None  # MLflow's model registry, when not the tracking server
     namespace: str | None = None
     env_from_secret: str | None = None  # a Secret whose keys become the container's environment
     release_args: tuple[str, ...] = ()  # e.g. ("--base-image", "…"), from the serve flags
+
+    def __post_init__(self) -> None:
+        for flag, uri in (("tracking", self.tracking_uri), ("registry", self.registry_uri)):
+            if uri and redact_uri(uri) != uri:
+                raise UsageError(
+                    f"--dispatch: the {flag} URI {redact_uri(uri)} holds credentials, which "
+                    "a dispatched Job must not carry (and could not use once removed)",
+                    hint=f"pass the {flag} URI without them and put MLFLOW_TRACKING_USERNAME/"
+                    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the Secret "
+                    "named by --dispatch-secret",
+                )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,13 +80,14 @@ def parse_target(value: str) -> Target:
     return Target(directory=None if where == "-" else Path(where))
 
 
-def job_name(spec: JobSpec) -> str:
-    """``packager-release-<name>-<version>-<hash>``: a DNS label, at most 63 characters,
-    the same for the same model and image."""
+def job_name(spec: JobSpec, *, job_id: int | None = None, attempt: int | None = None) -> str:
+    """``packager-release-<name>-<version>-<hash>[-<job>-<attempt>]``: a DNS label, at
+    most 63 characters, the same for the same model, image, queue job and attempt."""
+    suffix = "" if job_id is None else f"-{job_id}-{attempt or 0}"
     readable = re.sub(r"[^a-z0-9-]+", "-", f"{spec.name}-{spec.version}".lower()).strip("-")
-    readable = readable[:_NAME_ROOM].rstrip("-") or "model"
+    readable = readable[: _NAME_ROOM - len(suffix)].rstrip("-") or "model"
     digest = hashlib.sha256(spec.key.encode()).hexdigest()[:8]
-    return f"packager-release-{readable}-{digest}"
+    return f"packager-release-{readable}-{digest}{suffix}"
 
 
 def release_args(spec: JobSpec) -> list[str]:
@@ -90,11 +105,13 @@ def release_args(spec: JobSpec) -> list[str]:
     return args
 
 
-def job_manifest(spec: JobSpec, template: JobTemplate) -> dict[str, Any]:
+def job_manifest(
+    spec: JobSpec, template: JobTemplate, *, job_id: int | None = None, attempt: int | None = None
+) -> dict[str, Any]:
     """The ``batch/v1`` Job that runs the release: non-root, no privilege, read-only root
     file system with scratch volumes, no retries of its own beyond two (the queue keeps
     the job's record), cleaned up a day after it finishes."""
-    name = job_name(spec)
+    name = job_name(spec, job_id=job_id, attempt=attempt)
     labels = {
         "app.kubernetes.io/name": "packager-release",
         "app.kubernetes.io/managed-by": "packager-webhook",
@@ -113,6 +130,11 @@ def job_manifest(spec: JobSpec, template: JobTemplate) -> dict[str, Any]:
         "args": [*release_args(spec), *template.release_args],
         "env": [
             {"name": "MLFLOW_TRACKING_URI", "value": redact_uri(template.tracking_uri)},
+            *(
+                [{"name": "MLFLOW_REGISTRY_URI", "value": redact_uri(template.registry_uri)}]
+                if template.registry_uri
+                else []
+            ),
             {"name": "PACKAGER_CACHE_DIR", "value": "/cache"},
             {"name": "HOME", "value": "/tmp"},  # noqa: S108 — an emptyDir in the pod
         ],
@@ -186,8 +208,15 @@ class KubernetesJobs:
         self._lock = threading.Lock()
 
     def __call__(self, spec: JobSpec) -> str:
-        text = render(job_manifest(spec, self.template))
-        name = job_name(spec)
+        return self.release_attempt(spec)
+
+    def release_attempt(
+        self, spec: JobSpec, *, job_id: int | None = None, attempt: int | None = None
+    ) -> str:
+        """Dispatch one attempt of a queued job (the worker pool calls this, with the
+        job's id and attempt, so that each attempt is its own Job)."""
+        text = render(job_manifest(spec, self.template, job_id=job_id, attempt=attempt))
+        name = job_name(spec, job_id=job_id, attempt=attempt)
         if self.target.directory is None:
             stream = self._stream
             if stream is None:  # pragma: no cover - refused in __init__

@@ -5,7 +5,8 @@ Why SQLite in WAL mode with ``synchronous=FULL``: a commit is on disk when
 event MLflow saw acknowledged survives ``kill -9`` and a power cut; WAL lets the HTTP
 threads write while workers read. One receiver process owns a queue file (an advisory
 lock refuses a second one), which is what makes :meth:`JobQueue.recover` safe: a job
-still ``running`` when the queue is opened belonged to a process that is gone. Other
+still ``running`` when the queue is opened belonged to a process that is gone, and its
+interrupted attempt counts as a failed one (backoff, then parked at the limit). Other
 processes (``packager webhook jobs`` and ``retry``) open it with ``owner=False``: no lock,
 so they work while the receiver runs; they may read and requeue, never recover.
 
@@ -67,6 +68,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     seconds REAL                     -- the last attempt's duration
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, not_before);
+CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key, state);
 """
 
 
@@ -196,7 +198,10 @@ class JobQueue:
     ) -> Accepted:
         """Record the delivery and queue its jobs, committed before this returns. A
         delivery id seen before queues nothing; a job the same as one still pending is not
-        queued twice.
+        queued twice, and one the same as a failed one waiting out its backoff joins it
+        and ends the wait. A job the same as a running one is queued (the state it
+        releases may have changed since that run began), and :meth:`claim` holds it back
+        until that run ends.
 
         Group commit: deliveries that arrive while another commit is on its way to the
         disk wait for it, and the first of them to get the connection commits them all in
@@ -255,9 +260,15 @@ class JobQueue:
     @staticmethod
     def _queue_one(db: sqlite3.Connection, delivery_id: str, job: JobSpec, now: float) -> int:
         row = db.execute(
-            "SELECT id FROM jobs WHERE key = ? AND state = 'pending'", (job.key,)
+            "SELECT id, state FROM jobs WHERE key = ? AND state IN ('pending', 'failed')"
+            " ORDER BY id LIMIT 1",
+            (job.key,),
         ).fetchone()
         if row is not None:
+            if row[1] == "failed":  # a new event for it: try again now, not after the wait
+                db.execute(
+                    "UPDATE jobs SET not_before = 0, updated = ? WHERE id = ?", (now, row[0])
+                )
             return int(row[0])
         cursor = db.execute(
             "INSERT INTO jobs (delivery_id, key, spec, state, created, updated)"
@@ -280,25 +291,44 @@ class JobQueue:
     def recover(self, *, now: float | None = None) -> int:
         """Put back jobs left ``running`` by a process that died; how many there were.
         Call once, right after opening (this process owns the queue, so nothing else
-        can be running them)."""
+        can be running them).
+
+        An interrupted attempt counts as a failed one: the job waits out its backoff, and
+        at the attempt limit it is parked. A release that kills the receiver itself (out
+        of memory, say) would otherwise restart it forever."""
         if not self.owner:
             raise UsageError("only the receiver that owns the queue may recover its jobs")
         stamp = time.time() if now is None else now
         with self._transaction() as db:
-            return db.execute(
-                "UPDATE jobs SET state = 'pending', claim = NULL, not_before = 0, updated = ?,"
-                " error = 'interrupted: the receiver stopped while the job ran'"
-                " WHERE state = 'running'",
-                (stamp,),
-            ).rowcount
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE state = 'running'").fetchall()
+            for job_id, attempts in rows:
+                n = int(attempts)
+                if n >= self.retry.limit:
+                    state, not_before = "parked", stamp
+                    error = (
+                        f"parked after {n} attempt(s), the last interrupted: the receiver"
+                        " stopped or died while the job ran (killed for memory?)"
+                    )
+                else:
+                    state, not_before = "failed", stamp + self.retry.delay(n)
+                    error = f"interrupted: the receiver stopped while attempt {n} ran"
+                db.execute(
+                    "UPDATE jobs SET state = ?, claim = NULL, not_before = ?, updated = ?,"
+                    " error = ? WHERE id = ?",
+                    (state, not_before, stamp, error, job_id),
+                )
+            return len(rows)
 
     def claim(self, *, now: float | None = None) -> Job | None:
-        """The oldest job due (pending, or failed and past its backoff), now running."""
+        """The oldest job due (pending, or failed and past its backoff), now running;
+        never one whose key is running already (the same release twice at once)."""
         stamp = time.time() if now is None else now
         token = uuid.uuid4().hex
         with self._transaction(durable=False) as db:
             row = db.execute(
-                "SELECT id FROM jobs WHERE state IN ('pending', 'failed') AND not_before <= ?"
+                "SELECT id FROM jobs AS j WHERE state IN ('pending', 'failed')"
+                " AND not_before <= ? AND NOT EXISTS (SELECT 1 FROM jobs AS r"
+                " WHERE r.key = j.key AND r.state = 'running')"
                 " ORDER BY not_before, id LIMIT 1",
                 (stamp,),
             ).fetchone()

@@ -21,12 +21,16 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 from packager.webhook import signature
 from packager.webhook.queue import JobQueue
@@ -37,6 +41,10 @@ log = logging.getLogger(__name__)
 
 PATH = "/webhook/mlflow"
 MAX_BODY = 1 << 20  # MLflow's payloads are a few hundred bytes; tags and descriptions grow
+# Connections served at once; more are answered 503 and closed. MLflow sends from at most
+# ten threads, and probes and scrapes add a few.
+MAX_CONNECTIONS = 64
+REQUEST_SECONDS = 30.0  # a request's body must arrive within this, however it trickles
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,15 +63,24 @@ class Receiver:
     pool: WorkerPool
     max_body: int = MAX_BODY
     clock: Callable[[], float] | None = None  # tests pin the time; None: time.time
+    # Other threads the receiver needs (the reconciler's): each says whether it still runs.
+    background: list[Callable[[], bool]] = field(default_factory=list)
+
+    def refuse_unsigned(self, headers: dict[str, str], peer: str) -> Answer | None:
+        """The 401 for a request whose signature headers are missing or malformed,
+        answered before its body is read; None when they look right."""
+        try:
+            signature.check_headers(headers)
+        except signature.InvalidDelivery as err:
+            return self._refused(headers, peer, err)
+        return None
 
     def handle_delivery(self, headers: dict[str, str], body: bytes, peer: str) -> Answer:
         now = self.clock() if self.clock else None
         try:
             delivery = signature.verify(headers, body, self.secret, now=now)
         except signature.InvalidDelivery as err:
-            shown = headers.get(signature.DELIVERY_ID_HEADER.lower(), "-")[:64]
-            log.warning("refused delivery %r from %s: %s", shown, peer, err.reason)
-            return Answer(status=401, body={"error": "invalid signature"})
+            return self._refused(headers, peer, err)
         try:
             event = parse_event(json.loads(body))
         except (ValueError, BadEvent) as err:
@@ -87,6 +104,12 @@ class Receiver:
         )
         return Answer(status=200, body={"status": status, "jobs": list(accepted.job_ids)})
 
+    @staticmethod
+    def _refused(headers: dict[str, str], peer: str, err: signature.InvalidDelivery) -> Answer:
+        shown = headers.get(signature.DELIVERY_ID_HEADER.lower(), "-")[:64]
+        log.warning("refused delivery %r from %s: %s", shown, peer, err.reason)
+        return Answer(status=401, body={"error": "invalid signature"})
+
     def ready(self) -> Answer:
         try:
             self.queue.ping()
@@ -94,6 +117,8 @@ class Receiver:
             return Answer(status=503, body={"ready": False, "reason": f"queue: {err}"})
         if not self.pool.alive():
             return Answer(status=503, body={"ready": False, "reason": "workers not running"})
+        if not all(alive() for alive in self.background):
+            return Answer(status=503, body={"ready": False, "reason": "reconciler not running"})
         return Answer(status=200, body={"ready": True})
 
     def metrics(self) -> str:
@@ -140,13 +165,26 @@ class _Handler(BaseHTTPRequestHandler):
     # waits for the client's delayed ACK of the head, 40 ms on Linux, on every answer.
     disable_nagle_algorithm = True
 
+    def handle(self) -> None:
+        # The TLS handshake runs here, on the connection's own thread and under the
+        # socket's timeout (set by ``setup``), not in ``accept`` on the serving thread,
+        # where one client that connects and sends nothing would stop every other accept.
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (OSError, ValueError) as err:  # ssl.SSLError and timeouts are OSErrors
+                log.debug("%s: TLS handshake failed: %s", self.client_address[0], err)
+                self.close_connection = True
+                return
+        super().handle()
+
     def do_POST(self) -> None:
         if self.path.split("?", 1)[0] != PATH:
             self._answer(Answer(status=404, body={"error": f"POST to {PATH}"}))
             return
         receiver = self.server.receiver
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        if length is None or not re.fullmatch(r"[0-9]{1,19}", length):
             self.close_connection = True
             self._answer(Answer(status=411, body={"error": "Content-Length required"}))
             return
@@ -154,9 +192,34 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # the unread body must not be parsed as a request
             self._answer(Answer(status=413, body={"error": f"body over {receiver.max_body} B"}))
             return
-        body = self.rfile.read(int(length))
         headers = {key.lower(): value for key, value in self.headers.items()}
+        refused = receiver.refuse_unsigned(headers, self.client_address[0])
+        if refused is not None:
+            self.close_connection = True  # its body is left unread
+            self._answer(refused)
+            return
+        body = self._read_body(int(length))
+        if body is None:
+            self.close_connection = True
+            return
         self._answer(receiver.handle_delivery(headers, body, self.client_address[0]))
+
+    def _read_body(self, length: int) -> bytes | None:
+        """The body, or None when the client sent less, or took over
+        :data:`REQUEST_SECONDS` in all (each read also has the socket's timeout)."""
+        deadline = time.monotonic() + REQUEST_SECONDS
+        parts: list[bytes] = []
+        remaining = length
+        while remaining:
+            if time.monotonic() > deadline:
+                log.debug("%s: body not sent in %.0f s", self.client_address[0], REQUEST_SECONDS)
+                return None
+            chunk = self.rfile.read1(min(remaining, 65536))
+            if not chunk:
+                return None
+            parts.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(parts)
 
     def do_GET(self) -> None:
         receiver = self.server.receiver
@@ -192,14 +255,57 @@ class _Server(ThreadingHTTPServer):
     # connections would see SYNs dropped and retried a second later.
     request_queue_size = 128
 
-    def __init__(self, address: tuple[str, int], receiver: Receiver) -> None:
+    def __init__(
+        self, address: tuple[str, int], receiver: Receiver, max_connections: int = MAX_CONNECTIONS
+    ) -> None:
         super().__init__(address, _Handler)
         self.receiver = receiver
+        self._slots = threading.BoundedSemaphore(max_connections)
+
+    def process_request(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        """A thread for the connection while there is a slot; else a 503 and close."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(
+        self, request: socket.socket | tuple[bytes, socket.socket], client_address: Any
+    ) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    @staticmethod
+    def _refuse(request: object) -> None:
+        """503 on a plain connection (a TLS one is closed unanswered: its handshake
+        would be done here, on the serving thread)."""
+        if not isinstance(request, socket.socket) or isinstance(request, ssl.SSLSocket):
+            return
+        body = b'{"error": "too many connections; retry"}'
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n"
+        )
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
 
 
 class Server:
     """A running receiver: the HTTP server on a thread and the worker pool. Jobs left
-    ``running`` by a previous process are put back before the workers start."""
+    ``running`` by a previous process are recovered (:meth:`JobQueue.recover`) before the
+    workers start."""
 
     def __init__(
         self,
@@ -209,13 +315,17 @@ class Server:
         port: int = 0,
         certfile: Path | None = None,
         keyfile: Path | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self.receiver = receiver
-        self._http = _Server((host, port), receiver)
+        self._http = _Server((host, port), receiver, max_connections)
         if certfile is not None:
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             context.load_cert_chain(certfile, keyfile)
-            self._http.socket = context.wrap_socket(self._http.socket, server_side=True)
+            # The handshake is left to the connection's thread (see _Handler.handle).
+            self._http.socket = context.wrap_socket(
+                self._http.socket, server_side=True, do_handshake_on_connect=False
+            )
         self._thread = threading.Thread(
             target=self._http.serve_forever, args=(0.1,), name="webhook-http"
         )
@@ -227,7 +337,11 @@ class Server:
     def start(self) -> None:
         recovered = self.receiver.queue.recover()
         if recovered:
-            log.warning("%d job(s) interrupted by the last stop are queued again", recovered)
+            log.warning(
+                "%d job(s) interrupted by the last stop: retried after their backoff, or"
+                " parked at the attempt limit",
+                recovered,
+            )
         self.receiver.pool.start()
         self._thread.start()
 

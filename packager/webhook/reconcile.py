@@ -122,10 +122,12 @@ def _job(rule: Rule, version: VersionView, alias: str | None) -> JobSpec:
         model=f"models:/{version.name}/{version.version}",
         name=version.name,
         version=version.version,
-        image=rule.image.format(name=version.name, version=version.version, alias=alias or ""),
+        image=rule.image_for(version.name, version.version, alias),
         event=RECONCILE,
         rule_line=rule.line,
         release=rule.release,
+        trigger_alias=alias,
+        newest_only=rule.aliases is None and rule.tags is None,
     )
 
 

@@ -20,6 +20,7 @@ rule matches, or of a kind packager does not act on, is acknowledged and ignored
 from __future__ import annotations
 
 import fnmatch
+import re
 import string
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
@@ -89,6 +90,24 @@ class Rule:
         wanted = self.tags[event.tag_key]
         return wanted is None or wanted == event.tag_value
 
+    def image_for(self, name: str, version: str, alias: str | None = None) -> str:
+        """The rule's image for a version, its placeholders made fit for a reference."""
+        return self.image.format(
+            name=reference_part(name), version=reference_part(version), alias=reference_part(alias)
+        )
+
+
+def reference_part(value: str | None) -> str:
+    """``value`` as an image repository path component (which a tag also accepts):
+    lower case, runs of other characters than ``a-z0-9`` and single separators made one
+    ``-``, no separator at either end. MLflow allows ``FraudModel`` or ``fraud model``
+    as model names; a reference does not."""
+    if not value:
+        return ""
+    text = re.sub(r"[^a-z0-9._-]+", "-", value.lower())
+    text = re.sub(r"[._-]{2,}", "-", text).strip("._-")
+    return text or "model"
+
 
 @dataclass(frozen=True, kw_only=True)
 class JobSpec:
@@ -101,6 +120,12 @@ class JobSpec:
     event: str
     rule_line: int
     release: ReleaseChoices
+    # The alias whose move made the job (alias rules only); before moving
+    # ``release.alias`` the worker checks it still points at this version.
+    trigger_alias: str | None = None
+    # The rule releases each model's newest version (no aliases, no tags): the alias is
+    # moved only while no newer version exists.
+    newest_only: bool = False
 
     @property
     def key(self) -> str:
@@ -131,12 +156,12 @@ class Rules:
                     model=f"models:/{event.name}/{event.version}",
                     name=event.name,
                     version=event.version,
-                    image=rule.image.format(
-                        name=event.name, version=event.version, alias=event.alias or ""
-                    ),
+                    image=rule.image_for(event.name, event.version, event.alias),
                     event=event.kind,
                     rule_line=rule.line,
                     release=rule.release,
+                    trigger_alias=event.alias if rule.aliases is not None else None,
+                    newest_only=rule.aliases is None and rule.tags is None,
                 )
                 jobs.setdefault(job.key, job)
         return tuple(jobs.values())

@@ -22,7 +22,7 @@ from packager.webhook.queue import JobQueue, RetryPolicy
 from packager.webhook.receiver import MAX_BODY, Receiver, Server
 from packager.webhook.reconcile import RegistryView, reconcile
 from packager.webhook.rules import Rules
-from packager.webhook.worker import ReleaseFn, WorkerPool
+from packager.webhook.worker import ReleaseFn, WorkerPool, alias_check
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,7 @@ class Reconciler:
         self.wake = wake
         self.interval = interval
         self._stop = threading.Event()
+        self._returned = False  # the loop ended as it should (interval 0, or stopped)
         self._thread = threading.Thread(target=self._loop, name="webhook-reconcile", daemon=True)
 
     def start(self) -> None:
@@ -83,11 +84,18 @@ class Reconciler:
     def stop(self) -> None:
         self._stop.set()
 
+    def alive(self) -> bool:
+        """False once the thread has died of an error (for ``/readyz``)."""
+        return self._thread.ident is None or self._thread.is_alive() or self._returned
+
     def run_once(self) -> tuple[int, ...]:
         try:
             ids = reconcile(self.rules, self.registry(), self.queue)
         except PackagerError as err:
             log.warning("reconciliation failed (next try in %.0f s): %s", self.interval, err)
+            return ()
+        except Exception:  # a bug must not end reconciliation for good
+            log.exception("reconciliation failed (next try in %.0f s)", self.interval)
             return ()
         if ids:
             self.wake()
@@ -97,6 +105,7 @@ class Reconciler:
         self.run_once()
         while self.interval > 0 and not self._stop.wait(self.interval):
             self.run_once()
+        self._returned = True
 
 
 def serve(
@@ -111,7 +120,7 @@ def serve(
     options.check()
     queue = JobQueue(options.queue, retry=options.retry)
     try:
-        pool = WorkerPool(queue, release, size=options.workers)
+        pool = WorkerPool(queue, release, size=options.workers, alias_check=alias_check(registry))
         receiver = Receiver(
             secret=options.secret,
             rules=options.rules,
@@ -141,6 +150,7 @@ def serve(
         reconciler = Reconciler(
             options.rules, registry, queue, pool.wake, options.reconcile_interval
         )
+        receiver.background.append(reconciler.alive)
         server.start()
         try:
             reconciler.start()

@@ -74,6 +74,19 @@ def verify(
     ``headers`` is looked up case-insensitively (HTTP header names are). The body is
     checked as received, byte for byte: MLflow signs the JSON text it sends.
     """
+    delivery_id, timestamp, signature = check_headers(headers)
+    _check_signature(signature, sign(secret, delivery_id, timestamp, body))
+    age = (time.time() if now is None else now) - int(timestamp)
+    if age > window:
+        raise InvalidDelivery(f"the delivery is {int(age)} s old, older than {window} s")
+    if age < -window:
+        raise InvalidDelivery(f"the delivery is dated {int(-age)} s in the future")
+    return Delivery(delivery_id=delivery_id, timestamp=int(timestamp))
+
+
+def check_headers(headers: Mapping[str, str]) -> tuple[str, str, str]:
+    """The delivery id, timestamp and signature headers, once each is present and well
+    formed (before the body is read: a request without them is refused unread)."""
     lower = {key.lower(): value for key, value in headers.items()}
     delivery_id = lower.get(DELIVERY_ID_HEADER.lower(), "")
     timestamp = lower.get(TIMESTAMP_HEADER.lower(), "")
@@ -82,15 +95,12 @@ def verify(
         raise InvalidDelivery("no X-MLflow-Signature header (is the webhook's secret set?)")
     if not _DELIVERY_ID.fullmatch(delivery_id):
         raise InvalidDelivery("missing or malformed X-MLflow-Delivery-Id")
-    if not timestamp.isdigit():
+    # ASCII digits only: str.isdigit() accepts "²", which int() then refuses.
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp):
         raise InvalidDelivery("missing or malformed X-MLflow-Timestamp")
-    _check_signature(signature, sign(secret, delivery_id, timestamp, body))
-    age = (time.time() if now is None else now) - int(timestamp)
-    if age > window:
-        raise InvalidDelivery(f"the delivery is {int(age)} s old, older than {window} s")
-    if age < -window:
-        raise InvalidDelivery(f"the delivery is dated {int(-age)} s in the future")
-    return Delivery(delivery_id=delivery_id, timestamp=int(timestamp))
+    if len(signature) > 256:
+        raise InvalidDelivery("malformed X-MLflow-Signature (too long)")
+    return delivery_id, timestamp, signature
 
 
 def _check_signature(received: str, expected: str) -> None:

@@ -13,8 +13,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 from packager.api import ImageOptions
 from packager.errors import (
@@ -27,12 +28,27 @@ from packager.errors import (
 from packager.redact import scrub
 from packager.source import RegistryOptions
 from packager.webhook.queue import Job, JobQueue
+from packager.webhook.reconcile import RegistryView
 from packager.webhook.rules import JobSpec
 
 log = logging.getLogger(__name__)
 
 # Returns a one-line summary of the release (recorded as the job's result).
 ReleaseFn = Callable[[JobSpec], str]
+
+
+@runtime_checkable
+class AttemptRelease(Protocol):
+    """A release function that also takes the queue's job id and attempt (the
+    dispatcher: each attempt is its own Kubernetes Job)."""
+
+    def __call__(self, spec: JobSpec) -> str: ...
+
+    def release_attempt(self, spec: JobSpec, *, job_id: int, attempt: int) -> str: ...
+
+
+# Why the job's ``release.alias`` must not be moved now (None: it may be).
+AliasCheck = Callable[[JobSpec], str | None]
 
 PERMANENT: tuple[type[PackagerError], ...] = (
     UsageError,
@@ -51,8 +67,9 @@ def release_function(
     """The real release, for one registry: :func:`packager.release.release_model` with
     the options the job's rule chose. The event's own alias is not moved again (MLflow
     already moved it, and a slow release must not move it back from a newer version);
-    only the rule's ``release.alias`` is. ``image`` (base image, system packages, lock
-    options) applies to every release."""
+    only the rule's ``release.alias`` is, and the pool drops that one from a job whose
+    triggering state no longer holds (:func:`alias_check`). ``image`` (base image,
+    system packages, lock options) applies to every release."""
 
     def run_release(spec: JobSpec) -> str:
         from packager.release import ReleaseOptions, release_model  # noqa: PLC0415 — heavy
@@ -75,6 +92,44 @@ def release_function(
         return f"{report.status}: {report.image}"
 
     return run_release
+
+
+def alias_check(registry: Callable[[], RegistryView]) -> AliasCheck:
+    """The check made just before a job runs, so that a retried, late or re-queued job
+    never moves the rule's ``release.alias`` back to an older version:
+
+    - an alias-triggered job moves it only while the triggering alias still points at
+      the job's version (a deliberate move back of that alias is followed);
+    - any other job moves it only while it does not point at a newer version, and a job
+      of a rule for every new version only while no newer version exists.
+
+    A registry that cannot be read raises: the job fails and is tried again later."""
+
+    def check(spec: JobSpec) -> str | None:
+        alias = spec.release.alias
+        if alias is None:
+            return None
+        view = registry()
+        if spec.trigger_alias is not None:
+            current = view.by_alias(spec.name, spec.trigger_alias)
+            if current is None or current.version != spec.version:
+                where = "no version" if current is None else f"version {current.version}"
+                return f"{spec.trigger_alias} now points at {where}"
+            return None
+        moved = view.by_alias(spec.name, alias)
+        if moved is not None and _newer(moved.version, spec.version):
+            return f"{alias} already points at the newer version {moved.version}"
+        if spec.newest_only:
+            newer = [v.version for v in view.versions(spec.name) if _newer(v.version, spec.version)]
+            if newer:
+                return f"a newer version exists ({max(newer, key=int)})"
+        return None
+
+    return check
+
+
+def _newer(version: str, than: str) -> bool:
+    return version.isdigit() and than.isdigit() and int(version) > int(than)
 
 
 @dataclass
@@ -104,6 +159,7 @@ class WorkerPool:
         *,
         size: int = 1,
         poll: float = 1.0,
+        alias_check: AliasCheck | None = None,
     ) -> None:
         if size < 1:
             raise UsageError("the worker pool needs at least one worker", hint="--workers 1")
@@ -111,6 +167,7 @@ class WorkerPool:
         self.release = release
         self.size = size
         self.poll = poll
+        self.alias_check = alias_check
         self.stats = Stats()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -147,7 +204,29 @@ class WorkerPool:
                 self._wake.wait(self.poll)
                 self._wake.clear()
                 continue
-            self.run_one(job)
+            try:
+                self.run_one(job)
+            except Exception:  # recording the end failed: the worker goes on
+                log.exception("job %d: its end could not be recorded", job.id)
+                self._stop.wait(self.poll)
+
+    def _alias_guarded(self, job: Job) -> JobSpec:
+        """The job's spec, without its ``release.alias`` when :attr:`alias_check` says
+        moving it now would move it back."""
+        spec = job.spec
+        if self.alias_check is None or spec.release.alias is None:
+            return spec
+        reason = self.alias_check(spec)
+        if reason is None:
+            return spec
+        log.warning(
+            "job %d: releasing %s without moving the alias %r: %s",
+            job.id,
+            spec.model,
+            spec.release.alias,
+            reason,
+        )
+        return replace(spec, release=replace(spec.release, alias=None))
 
     def run_one(self, job: Job) -> None:
         """Run a claimed job and record its end in the queue."""
@@ -160,7 +239,11 @@ class WorkerPool:
         )
         start = time.monotonic()
         try:
-            result = self.release(job.spec)
+            spec = self._alias_guarded(job)
+            if isinstance(self.release, AttemptRelease):
+                result = self.release.release_attempt(spec, job_id=job.id, attempt=job.attempts)
+            else:
+                result = self.release(spec)
         except Exception as err:  # noqa: BLE001 — every failure is recorded on the job
             seconds = time.monotonic() - start
             permanent = isinstance(err, PERMANENT)

@@ -10,9 +10,12 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from packager.cli import _build_parser, _dispatch_release_args
 from packager.errors import UsageError
 from packager.webhook import dispatch
+from packager.webhook.queue import JobQueue
 from packager.webhook.rules import ALIAS_CREATED, JobSpec, ReleaseChoices
+from packager.webhook.worker import WorkerPool
 from tests.unit.test_manifests import KUBERNETES_VERSIONS
 
 SPEC = JobSpec(
@@ -26,7 +29,7 @@ SPEC = JobSpec(
 )
 TEMPLATE = dispatch.JobTemplate(
     packager_image="registry.example.com/tools/packager:0.1.0",
-    tracking_uri="https://user:s3cret@mlflow.example.com",
+    tracking_uri="https://mlflow.example.com",
     namespace="ml-builds",
     env_from_secret="packager-release-credentials",  # noqa: S106 - a Secret's name
     release_args=("--base-image", "registry.example.com/base/python:3.11"),
@@ -63,7 +66,6 @@ def test_job_runs_the_release_the_rule_chose_without_credentials() -> None:
         "registry.example.com/base/python:3.11",
     ]
     assert container["envFrom"] == [{"secretRef": {"name": "packager-release-credentials"}}]
-    assert "s3cret" not in dispatch.render(job)
     assert job["metadata"]["namespace"] == "ml-builds"
 
 
@@ -105,3 +107,84 @@ def test_unknown_dispatch_is_refused(value: str) -> None:
     with pytest.raises(UsageError) as caught:
         dispatch.parse_target(value)
     assert "k8s-jobs:DIR" in (caught.value.hint or "")
+
+
+def test_a_uri_with_credentials_is_refused_not_redacted_into_the_job() -> None:
+    with pytest.raises(UsageError) as caught:
+        replace(TEMPLATE, tracking_uri="https://user:s3cret@mlflow.example.com")
+    with pytest.raises(UsageError) as caught_registry:
+        replace(TEMPLATE, registry_uri="https://mlflow.example.com/?token=s3cret")
+    for error in (caught.value, caught_registry.value):
+        assert "s3cret" not in error.message
+        assert "--dispatch-secret" in (error.hint or "")
+
+
+def test_the_registry_uri_goes_to_the_job() -> None:
+    template = replace(TEMPLATE, registry_uri="https://registry.example.com")
+    (container,) = dispatch.job_manifest(SPEC, template)["spec"]["template"]["spec"]["containers"]
+    assert {"name": "MLFLOW_REGISTRY_URI", "value": "https://registry.example.com"} in (
+        container["env"]
+    )
+
+
+def test_each_attempt_of_a_queued_job_is_its_own_job(tmp_path: Path) -> None:
+    stream = io.StringIO()
+    dispatcher = dispatch.KubernetesJobs(dispatch.parse_target("k8s-jobs:-"), TEMPLATE, stream)
+    queue = JobQueue(tmp_path / "queue.db")
+    spec = replace(SPEC, release=ReleaseChoices())
+    try:
+        pool = WorkerPool(queue, dispatcher)
+        queue.accept("d-1", ALIAS_CREATED, (spec,))
+        job = queue.claim()
+        assert job is not None
+        pool.run_one(job)  # job 1, attempt 1
+        queue.accept("d-2", ALIAS_CREATED, (spec,))  # the same release, asked for again
+        job = queue.claim()
+        assert job is not None
+        queue.fail(job, "an attempt that failed before dispatching", seconds=0)
+        job = queue.claim(now=1e12)
+        assert job is not None
+        pool.run_one(job)  # job 2, attempt 2
+    finally:
+        queue.close()
+    names = [d["metadata"]["name"] for d in yaml.safe_load_all(stream.getvalue())]
+    assert [n.rsplit("-", 2)[1:] for n in names] == [["1", "1"], ["2", "2"]]
+    assert all(len(n) <= 63 for n in names)
+    long = replace(SPEC, name="x" * 300, model=f"models:/{'x' * 300}/12")
+    assert len(dispatch.job_name(long, job_id=123456, attempt=5)) == 63
+
+
+def test_serve_flags_a_job_cannot_use_are_refused_the_rest_forwarded(tmp_path: Path) -> None:
+    base = [
+        "webhook",
+        "serve",
+        "--rules",
+        "r.yaml",
+        "--secret-env",
+        "S",
+        "--dispatch",
+        "k8s-jobs:-",
+    ]
+    args = _build_parser().parse_args(
+        [*base, "--system-package", "libgomp1", "--no-bytecode", "--python", "3.11"]
+    )
+    forwarded = _dispatch_release_args(args)
+    assert forwarded == (
+        "--system-package",
+        "libgomp1",
+        "--no-bytecode",
+        "--resolver",
+        "uv",
+        "--platform",
+        "linux/amd64",
+        "--python",
+        "3.11",
+    )
+    lock = tmp_path / "lock.txt"
+    args = _build_parser().parse_args(
+        [*base, "--lock", str(lock), "--index-url", "https://u:p@pypi.example/simple"]
+    )
+    with pytest.raises(UsageError) as caught:
+        _dispatch_release_args(args)
+    assert "--lock, --index-url" in caught.value.message
+    assert "u:p" not in caught.value.message

@@ -99,7 +99,10 @@ def test_killed_while_running_is_resumed_exactly_once(tmp_path: Path) -> None:
     try:
         assert q.jobs()[0].state == "running"
         assert q.recover() == 1
-        first = q.claim()
+        recovered = q.get(1)
+        assert (recovered.state, recovered.attempts) == ("failed", 1)  # the attempt counts
+        assert q.claim(now=recovered.not_before - 1) is None  # waits out its backoff
+        first = q.claim(now=recovered.not_before)
         assert first is not None
         assert (first.state, first.attempts) == ("running", 2)
         assert q.claim() is None  # one job, one runner
@@ -154,3 +157,44 @@ def test_permanent_failure_parks_at_once(queue: JobQueue) -> None:
     job = queue.claim()
     assert job is not None
     assert queue.fail(job, "bad image reference", seconds=0, permanent=True) == "parked"
+
+
+def test_a_job_interrupted_at_the_attempt_limit_is_parked(queue: JobQueue) -> None:
+    """A release that kills the receiver (out of memory) must not restart it forever."""
+    queue.accept("d-1", VERSION_CREATED, (spec(),))
+    for _ in range(3):  # limit 3: claimed, then the process "dies" each time
+        job = queue.claim(now=1e12)
+        assert job is not None
+        assert queue.recover(now=0) == 1
+    parked = queue.get(1)
+    assert (parked.state, parked.attempts) == ("parked", 3)
+    assert "after 3 attempt(s), the last interrupted" in str(parked.error)
+    assert queue.claim(now=1e13) is None
+
+
+def test_a_twin_of_a_failed_job_joins_it_and_ends_its_backoff(queue: JobQueue) -> None:
+    queue.accept("d-1", VERSION_CREATED, (spec(),))
+    job = queue.claim(now=0)
+    assert job is not None
+    assert queue.fail(job, "registry down", seconds=1) == "failed"
+    assert queue.claim(now=1) is None  # waiting out its backoff
+    assert queue.accept("d-2", VERSION_CREATED, (spec(),)).job_ids == (1,)
+    again = queue.claim(now=1)
+    assert again is not None
+    assert (again.id, again.attempts) == (1, 2)
+    assert len(queue.jobs()) == 1
+
+
+def test_a_twin_of_a_running_job_waits_for_it(queue: JobQueue) -> None:
+    queue.accept("d-1", VERSION_CREATED, (spec("1"),))
+    running = queue.claim()
+    assert running is not None
+    assert queue.accept("d-2", VERSION_CREATED, (spec("1"), spec("2"))).job_ids == (2, 3)
+    other = queue.claim()
+    assert other is not None
+    assert other.spec.version == "2"  # the twin of the running job is held back
+    assert queue.claim() is None
+    assert queue.complete(running, "released", seconds=1)
+    twin = queue.claim()
+    assert twin is not None
+    assert twin.id == 2

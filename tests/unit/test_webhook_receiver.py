@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import logging
 import os
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -18,6 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from packager.errors import UsageError
 from packager.webhook.queue import JobQueue, RetryPolicy
@@ -260,7 +268,7 @@ def test_receiver_killed_mid_release_resumes_every_accepted_event_once(tmp_path:
     finally:
         child.kill()
         child.wait(timeout=10)
-    queue = JobQueue(db)
+    queue = JobQueue(db, retry=RetryPolicy(base=0))  # the interrupted attempt: no wait
     assert [j.state for j in queue.jobs()] == ["running", "pending", "pending"]
     release = FakeRelease()
     pool = WorkerPool(queue, release, size=2, poll=0.05)
@@ -273,3 +281,126 @@ def test_receiver_killed_mid_release_resumes_every_accepted_event_once(tmp_path:
     finally:
         server.stop()
         queue.close()
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throwaway certificate and key for 127.0.0.1."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    certfile, keyfile = directory / "cert.pem", directory / "key.pem"
+    certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    keyfile.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return certfile, keyfile
+
+
+def test_idle_tls_connection_does_not_stop_other_requests_or_the_shutdown(
+    tmp_path: Path,
+) -> None:
+    certfile, keyfile = _self_signed(tmp_path)
+    queue = JobQueue(tmp_path / "queue.db")
+    pool = WorkerPool(queue, FakeRelease(), size=1, poll=0.05)
+    receiver = Receiver(secret=SECRET, rules=parse_rules(RULES), queue=queue, pool=pool)
+    server = Server(receiver, host="127.0.0.1", port=0, certfile=certfile, keyfile=keyfile)
+    server.start()
+    idle = socket.create_connection(("127.0.0.1", server.port))  # connects, never speaks
+    try:
+        context = ssl.create_default_context(cafile=str(certfile))
+        url = f"https://127.0.0.1:{server.port}/livez"
+        with urllib.request.urlopen(url, timeout=5, context=context) as response:
+            assert (response.status, response.read()) == (200, b'{"live": true}')
+    finally:
+        stopper = threading.Thread(target=server.stop, daemon=True)
+        stopper.start()
+        stopper.join(10)
+        stopped = not stopper.is_alive()
+        idle.close()
+        stopper.join(10)
+        queue.close()
+    assert stopped, "stop() hung behind the idle connection"
+
+
+def _raw(port: int, request: bytes) -> bytes:
+    """Send ``request`` as is; the answer, up to the server closing the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(request)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def test_odd_lengths_and_unsigned_posts_are_refused_before_the_body(running: Running) -> None:
+    port = int(running.url.rsplit(":", 1)[1])
+    head = f"POST {PATH} HTTP/1.1\r\nHost: x\r\n"
+    # "²" is a digit to str.isdigit(), not to int().
+    assert _raw(port, f"{head}Content-Length: ²\r\n\r\n".encode()).startswith(b"HTTP/1.1 411")
+    # Unsigned, its (large) body never sent: refused at once, not after a read timeout.
+    assert _raw(port, f"{head}Content-Length: 4000\r\n\r\n".encode()).startswith(b"HTTP/1.1 401")
+    stamp = "X-MLflow-Delivery-Id: d-1\r\nX-MLflow-Timestamp: ²\r\nX-MLflow-Signature: v1,AA==\r\n"
+    answer = _raw(port, f"{head}{stamp}Content-Length: 4000\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 401")
+    assert running.queue.jobs() == ()
+
+
+def test_connections_over_the_cap_get_503(tmp_path: Path) -> None:
+    queue = JobQueue(tmp_path / "queue.db")
+    pool = WorkerPool(queue, FakeRelease(), size=1, poll=0.05)
+    receiver = Receiver(secret=SECRET, rules=parse_rules(RULES), queue=queue, pool=pool)
+    server = Server(receiver, host="127.0.0.1", port=0, max_connections=1)
+    server.start()
+    try:
+        with socket.create_connection(("127.0.0.1", server.port)) as held:
+            held.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert held.recv(12) == b"HTTP/1.1 200"  # served, and kept open (HTTP/1.1)
+            assert get(f"http://127.0.0.1:{server.port}/livez")[0] == 503
+        wait_for(lambda: get(f"http://127.0.0.1:{server.port}/livez")[0] == 200)
+    finally:
+        server.stop()
+        queue.close()
+
+
+def test_readiness_includes_background_threads(running: Running) -> None:
+    running.receiver.background.append(lambda: False)
+    status, body = get(running.url + "/readyz")
+    assert (status, json.loads(body)["reason"]) == (503, "reconciler not running")
+
+
+def test_a_worker_outlives_a_queue_error_when_recording(
+    running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = running.queue.complete
+    calls: list[int] = []
+
+    def flaky(job: object, result: str, *, seconds: float) -> bool:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("disk I/O error")
+        return real(job, result, seconds=seconds)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(running.queue, "complete", flaky)
+    post(running.url, event("model_version", "created", name="churn", version="1"))
+    wait_for(lambda: len(calls) == 1)
+    post(running.url, event("model_version", "created", name="churn", version="2"))
+    wait_for(lambda: running.queue.get(2).state == "done")
+    assert running.receiver.pool.alive()

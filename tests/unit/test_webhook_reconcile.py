@@ -153,3 +153,32 @@ def test_reconciler_survives_an_unreachable_registry(
     ok = Reconciler(parse_rules(RULES), registry, queue, lambda: woken.append(True), 60)
     assert len(ok.run_once()) == 4
     assert woken == [True]
+
+
+def test_reconciled_images_use_a_reference_fit_name() -> None:
+    registry = FakeRegistry({"Fraud Model": {"3": {"deploy": "true"}}}, {})
+    [job] = plan(parse_rules(RULES), registry)
+    assert (job.model, job.image) == (
+        "models:/Fraud Model/3",
+        "reg.example:5000/tagged/fraud-model:3",
+    )
+
+
+def test_reconciler_survives_a_bug_and_readiness_sees_it_end(
+    queue: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> FakeRegistry:
+        raise RuntimeError("a bug in a look-up")
+
+    reconciler = Reconciler(parse_rules(RULES), broken, queue, lambda: None, 0.01)
+    with caplog.at_level(logging.ERROR):
+        assert reconciler.run_once() == ()
+    assert "reconciliation failed" in caplog.text
+    reconciler.start()
+    try:
+        time.sleep(0.05)  # a few rounds, each failing
+        assert reconciler.alive()
+    finally:
+        reconciler.stop()
+    reconciler._thread.join(5)
+    assert reconciler.alive()  # stopped as asked: not a death

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from packager.errors import UsageError
+from packager.image.base import validate_reference
 from packager.webhook.rules import (
     ALIAS_CREATED,
     TAG_SET,
@@ -163,3 +164,21 @@ def test_parse_mlflow_example_payloads() -> None:
 def test_malformed_events_are_refused(payload: object) -> None:
     with pytest.raises(BadEvent):
         parse_event(payload)
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("FraudModel", "reg.example:5000/tagged/fraudmodel:7"),
+        ("fraud model", "reg.example:5000/tagged/fraud-model:7"),
+        ("Fraud__Model (v2)!", "reg.example:5000/tagged/fraud-model-v2:7"),
+        ("_.odd.-", "reg.example:5000/tagged/odd:7"),
+        ("fraud.model_v2", "reg.example:5000/tagged/fraud.model_v2:7"),
+    ],
+)
+def test_model_names_become_valid_image_references(name: str, expected: str) -> None:
+    event = Event(kind=TAG_SET, name=name, version="7", tag_key="deploy", tag_value="true")
+    [job] = parse_rules(RULES).plan(event)
+    assert job.image == expected
+    assert validate_reference(job.image) == expected
+    assert job.name == name  # the model itself keeps its name
