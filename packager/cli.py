@@ -996,12 +996,17 @@ def _serve(args: argparse.Namespace) -> int:
         ),
         **_source(args),
     )
-    if args.json:
+    log.info("serving %s on http://%s:%d", args.model, args.host, args.port)
+    return _exec_server(command, json_out=args.json)
+
+
+def _exec_server(command: Any, *, json_out: bool) -> int:
+    """Print the command (with ``--json``), then replace this process with it: signals
+    (SIGTERM, Ctrl-C), messages and the exit code are packager_server's."""
+    if json_out:
         _print_json({"argv": list(command.argv), "provenance": to_jsonable(command.provenance)})
         sys.stdout.flush()
-    log.info("serving %s on http://%s:%d", args.model, args.host, args.port)
     sys.stderr.flush()
-    # Replace this process: signals (SIGTERM, Ctrl-C) and the exit code are the server's.
     os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
     return 0  # pragma: no cover - execv does not return
 
@@ -1049,13 +1054,7 @@ def _predict(args: argparse.Namespace) -> int:
         ),
         **_source(args),
     )
-    if args.json:
-        _print_json({"argv": list(command.argv), "provenance": to_jsonable(command.provenance)})
-        sys.stdout.flush()
-    sys.stderr.flush()
-    # Replace this process: the exit code and the messages are packager_server's.
-    os.execv(command.argv[0], list(command.argv))  # noqa: S606 - argv list, no shell
-    return 0  # pragma: no cover - execv does not return
+    return _exec_server(command, json_out=args.json)
 
 
 def _add_manifests_command(
