@@ -1354,6 +1354,14 @@ def _add_webhook_commands(commands: Any, parents: list[argparse.ArgumentParser])
         "seconds (default 300; 0: on start only)",
     )
     serve.add_argument(
+        "--keep-days",
+        type=float,
+        default=30.0,
+        metavar="D",
+        help="forget jobs done more than D days ago and their deliveries, at each "
+        "reconciliation (default 30, at least 1; failed and parked jobs are kept)",
+    )
+    serve.add_argument(
         "--dispatch",
         metavar="k8s-jobs:DIR|k8s-jobs:-",
         help="don't release here: write a Kubernetes Job manifest per release into DIR, or "
@@ -1467,6 +1475,7 @@ def _webhook_serve(args: argparse.Namespace) -> int:
         max_body=args.max_body,
         retry=RetryPolicy(limit=args.retry_limit, base=args.retry_backoff),
         reconcile_interval=args.reconcile_interval,
+        keep_days=args.keep_days,
     )
     scheme = "https" if args.certfile else "http"
 

@@ -42,6 +42,10 @@ from typing import Literal
 from packager.errors import CacheError, UsageError
 from packager.webhook.rules import JobSpec
 
+# The shortest delivery log :meth:`JobQueue.prune` keeps: a day, far beyond MLflow's
+# retries, the signature's 5-minute window and reconciliation's hour of recent jobs.
+MIN_KEEP_SECONDS = 86400.0
+
 State = Literal["pending", "running", "done", "failed", "parked"]
 STATES: tuple[State, ...] = ("pending", "running", "done", "failed", "parked")
 
@@ -373,6 +377,33 @@ class JobQueue:
                     (state, result, error, seconds, stamp + delay, stamp, job.id, job.claim),
                 ).rowcount
             )
+
+    def prune(self, *, keep_seconds: float, now: float | None = None) -> tuple[int, int]:
+        """Forget what is older than ``keep_seconds``: jobs done that long ago, then the
+        deliveries older than that with no job left. Failed, parked, pending and running
+        jobs stay whatever their age (someone has to look at them), and so do their
+        deliveries. Returns (jobs, deliveries) removed.
+
+        Safe for the delivery ids' role against replays as long as ``keep_seconds`` is
+        longer than the signature's timestamp window (a delivery older than that is
+        refused before its id is looked up) and than reconciliation's memory of recent
+        jobs (:data:`packager.webhook.reconcile.RECENT`): :data:`MIN_KEEP_SECONDS`."""
+        if keep_seconds < MIN_KEEP_SECONDS:
+            raise UsageError(
+                f"deliveries must be kept at least {MIN_KEEP_SECONDS / 86400:g} day(s)",
+                hint="a shorter log would forget deliveries MLflow may still resend",
+            )
+        cutoff = (time.time() if now is None else now) - keep_seconds
+        with self._transaction(durable=False) as db:
+            jobs = db.execute(
+                "DELETE FROM jobs WHERE state = 'done' AND updated < ?", (cutoff,)
+            ).rowcount
+            deliveries = db.execute(
+                "DELETE FROM deliveries WHERE received < ? AND NOT EXISTS"
+                " (SELECT 1 FROM jobs WHERE jobs.delivery_id = deliveries.delivery_id)",
+                (cutoff,),
+            ).rowcount
+        return jobs, deliveries
 
     def retry_job(self, job_id: int) -> Job:
         """Requeue a failed or parked job now, with its attempts reset."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sqlite3
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from pathlib import Path
 from types import FrameType
 
 from packager.errors import PackagerError, UsageError
-from packager.webhook.queue import JobQueue, RetryPolicy
+from packager.webhook.queue import MIN_KEEP_SECONDS, JobQueue, RetryPolicy
 from packager.webhook.receiver import MAX_BODY, Receiver, Server
 from packager.webhook.reconcile import RegistryView, reconcile
 from packager.webhook.rules import Rules
@@ -40,6 +41,7 @@ class ServeOptions:
     max_body: int = MAX_BODY
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     reconcile_interval: float = 300.0  # 0: only on start
+    keep_days: float = 30.0  # done jobs and their deliveries are forgotten after this
 
     def check(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -54,12 +56,19 @@ class ServeOptions:
             raise UsageError("--retry-limit must be at least 1 and --retry-backoff not negative")
         if self.reconcile_interval < 0:
             raise UsageError("--reconcile-interval must not be negative (0: only on start)")
+        if self.keep_days * 86400 < MIN_KEEP_SECONDS:
+            raise UsageError(
+                f"--keep-days {self.keep_days:g}: at least {MIN_KEEP_SECONDS / 86400:g}",
+                hint="a shorter log would forget deliveries MLflow may still resend",
+            )
 
 
 class Reconciler:
     """Reconciliation on a daemon thread: once at start, then every ``interval`` seconds.
     A registry that cannot be read is logged and tried again at the next round: the
-    receiver keeps accepting events meanwhile."""
+    receiver keeps accepting events meanwhile. Each round also prunes the queue of what
+    is older than ``keep_seconds`` (done jobs and their deliveries), so a receiver that
+    runs for months keeps a bounded file."""
 
     def __init__(
         self,
@@ -68,12 +77,15 @@ class Reconciler:
         queue: JobQueue,
         wake: Callable[[], None],
         interval: float,
+        *,
+        keep_seconds: float = 30 * 86400.0,
     ) -> None:
         self.rules = rules
         self.registry = registry
         self.queue = queue
         self.wake = wake
         self.interval = interval
+        self.keep_seconds = keep_seconds
         self._stop = threading.Event()
         self._returned = False  # the loop ended as it should (interval 0, or stopped)
         self._thread = threading.Thread(target=self._loop, name="webhook-reconcile", daemon=True)
@@ -89,6 +101,13 @@ class Reconciler:
         return self._thread.ident is None or self._thread.is_alive() or self._returned
 
     def run_once(self) -> tuple[int, ...]:
+        try:
+            jobs, deliveries = self.queue.prune(keep_seconds=self.keep_seconds)
+        except (PackagerError, sqlite3.Error) as err:
+            log.warning("pruning the queue failed (next try in %.0f s): %s", self.interval, err)
+        else:
+            if jobs or deliveries:
+                log.info("pruned %d done job(s) and %d delivery record(s)", jobs, deliveries)
         try:
             ids = reconcile(self.rules, self.registry(), self.queue)
         except PackagerError as err:
@@ -148,7 +167,12 @@ def serve(
 
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
         reconciler = Reconciler(
-            options.rules, registry, queue, pool.wake, options.reconcile_interval
+            options.rules,
+            registry,
+            queue,
+            pool.wake,
+            options.reconcile_interval,
+            keep_seconds=options.keep_days * 86400,
         )
         receiver.background.append(reconciler.alive)
         server.start()

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -198,3 +199,42 @@ def test_a_twin_of_a_running_job_waits_for_it(queue: JobQueue) -> None:
     twin = queue.claim()
     assert twin is not None
     assert twin.id == 2
+
+
+def test_prune_forgets_old_done_jobs_and_their_deliveries_only(queue: JobQueue) -> None:
+    day = 86400.0
+    queue.accept("d-done", VERSION_CREATED, (spec("1"),))
+    queue.accept("d-parked", VERSION_CREATED, (spec("2"),))
+    queue.accept("d-pending", VERSION_CREATED, (spec("3"),))
+    queue.accept("d-ignored", VERSION_CREATED, ())
+    done = queue.claim()
+    assert done is not None
+    assert queue.complete(done, "released", seconds=1)
+    parked = queue.claim()
+    assert parked is not None
+    queue.fail(parked, "bad image reference", seconds=0, permanent=True)
+    # A day later: nothing is old enough yet for a 30-day log.
+    assert queue.prune(keep_seconds=30 * day, now=time.time() + day) == (0, 0)
+    # 31 days later: the done job, its delivery and the ignored delivery go; the parked
+    # and the pending job, and their deliveries, stay.
+    assert queue.prune(keep_seconds=30 * day, now=time.time() + 31 * day) == (1, 2)
+    assert sorted(job.state for job in queue.jobs()) == ["parked", "pending"]
+    assert queue.deliveries() == {"queued": 2}
+    # A pruned delivery id is new again (its signature's timestamp is long refused).
+    assert queue.accept("d-done", VERSION_CREATED, ()).duplicate is False
+    with pytest.raises(UsageError, match="at least 1 day"):
+        queue.prune(keep_seconds=3600)
+
+
+def test_the_receiver_refuses_a_log_shorter_than_a_day(tmp_path: Path) -> None:
+    from packager.webhook.rules import Rules
+    from packager.webhook.service import ServeOptions
+
+    options = ServeOptions(
+        rules=Rules(rules=(), source="rules.yaml"),
+        secret="s",  # noqa: S106 - a test secret
+        queue=tmp_path / "q.db",
+        keep_days=0.5,
+    )
+    with pytest.raises(UsageError, match=r"--keep-days 0\.5: at least 1"):
+        options.check()
