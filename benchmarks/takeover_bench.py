@@ -44,7 +44,7 @@ def per_request(line: Lifeline, app: ScoringApp) -> float:
     for _ in range(REQUESTS):
         line.request(0)  # GuardedConnection.data_received
         slot = scope_state.get(SLOT_KEY)  # the app finds the connection's slot
-        number = app._began(slot, "0123456789abcdef0123456789abcdef")
+        number = app._began(slot, "0123456789abcdef0123456789abcdef", "/invocations")
         app._ended(number, slot)
         line.writing(0)  # the app, before the response
         line.settled(0, outstanding=False)  # GuardedConnection.on_response_complete

@@ -158,7 +158,14 @@ class ScoringApp:
             if isinstance(invoke, Answer):  # a 404 for another model: the body is not read
                 answer, close = invoke, True
             else:
-                answer, close = await self._invocations(headers, receive, slot, request_id, invoke)
+                label = route_label(
+                    path,
+                    predict_route=self.config.predict_route,
+                    health_route=self.config.health_route,
+                )
+                answer, close = await self._invocations(
+                    headers, receive, slot, request_id, invoke, label=label
+                )
         else:
             answer, close = await self._route(path, method)
         response_headers = [
@@ -277,6 +284,8 @@ class ScoringApp:
         slot: int | None,
         request_id: str,
         invoke: platforms.Invoke | None = None,
+        *,
+        label: str = "/invocations",
     ) -> tuple[Answer, bool]:
         limit = self.config.max_payload
         declared = headers.get("content-length")
@@ -312,7 +321,8 @@ class ScoringApp:
                     invoke = platforms.batch_invoker(self.scorer, kind, headers.get("accept"))
             if platforms.wants_csv(headers.get("accept")):
                 invoke = platforms.csv_output(invoke)
-        return await self._predict(body, content_type, slot, request_id, invoke), False
+        answer = await self._predict(body, content_type, slot, request_id, invoke, label=label)
+        return answer, False
 
     async def _predict(
         self,
@@ -321,8 +331,10 @@ class ScoringApp:
         slot: int | None,
         request_id: str,
         invoke: platforms.Invoke,
+        *,
+        label: str,
     ) -> Answer:
-        number = self._began(slot, request_id)
+        number = self._began(slot, request_id, label)
         started = time.perf_counter()
         try:
             if self._average <= INLINE_BUDGET:
@@ -335,7 +347,7 @@ class ScoringApp:
         self._average += _SMOOTHING * (elapsed - self._average)
         return answer
 
-    def _began(self, slot: int | None, request_id: str) -> int:
+    def _began(self, slot: int | None, request_id: str, label: str) -> int:
         """Mark a prediction started: for the supervisor, which answers it if the worker
         is still in it one second past the timeout."""
         number, now = next(self._numbers), time.monotonic()
@@ -343,7 +355,7 @@ class ScoringApp:
             self.metrics.busy(self.row, now)
         self._in_flight[number] = now
         if slot is not None and self._lifeline is not None:
-            self._lifeline.predicting(slot, now, request_id)
+            self._lifeline.predicting(slot, now, request_id, label)
         return number
 
     def _ended(self, number: int, slot: int | None) -> None:

@@ -75,13 +75,16 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from packager_server.connections import http_response
+from packager_server.metrics import PATHS
 
 log = logging.getLogger(__name__)
 
 # A slot's state; the worker writes it, the supervisor reads it once the worker is stopped.
 FREE, IDLE, REQUEST, WRITING = 0.0, 1.0, 2.0, 3.0
 CAPACITY = 8192  # connections per worker that the supervisor can answer for
-_CELLS = 2  # state, prediction start (time.monotonic, 0 when none)
+# state, prediction start (time.monotonic, 0 when none), the prediction's route (its index
+# in metrics.PATHS: /invocations, Vertex's predict route or V2's infer)
+_CELLS = 3
 _ID_BYTES = 128  # the request id (app.py's _MAX_REQUEST_ID), NUL-padded ASCII
 _RECORD = _CELLS * 8 + _ID_BYTES
 _MESSAGE = struct.Struct("=cI")  # b"o" (with the socket) or b"c", then the slot
@@ -90,6 +93,7 @@ _OPEN, _CLOSE = b"o", b"c"
 # (as connections.py's responders do): closing with unread input resets the connection,
 # and the client may then lose the answer.
 _LINGER_SECONDS = 1.0
+_ROUTES = {path: float(index) for index, path in enumerate(PATHS)}
 
 
 def deadline_message(timeout: float) -> str:
@@ -129,6 +133,11 @@ class ConnectionTable:
 
     def predicting_since(self, record: int) -> float:
         return self.cells[record * _RECORD // 8 + 1]
+
+    def route(self, record: int) -> str:
+        """The ``path`` label of the record's prediction (``metrics.PATHS``)."""
+        index = int(self.cells[record * _RECORD // 8 + 2])
+        return PATHS[index] if 0 <= index < len(PATHS) else "/invocations"
 
     def request_id(self, record: int) -> str | None:
         start = record * _RECORD + _CELLS * 8
@@ -202,12 +211,15 @@ class Lifeline:
         """A response is complete: another request is outstanding, or none."""
         self._cells[(self._first + slot) * _RECORD // 8] = REQUEST if outstanding else IDLE
 
-    def predicting(self, slot: int, since: float, request_id: str) -> None:
+    def predicting(
+        self, slot: int, since: float, request_id: str, route: str = "/invocations"
+    ) -> None:
         """A prediction starts: uvicorn has completed every earlier response on this
-        connection, and has not begun this request's."""
+        connection, and has not begun this request's. ``route``: its ``path`` label."""
         record = self._first + slot
         self._cells[record * _RECORD // 8] = REQUEST
         self._cells[record * _RECORD // 8 + 1] = since
+        self._cells[record * _RECORD // 8 + 2] = _ROUTES.get(route, _ROUTES["/invocations"])
         start = record * _RECORD + _CELLS * 8
         value = request_id.encode("ascii", "replace")[:_ID_BYTES]
         self._raw[start : start + _ID_BYTES] = value.ljust(_ID_BYTES, b"\0")
@@ -340,7 +352,7 @@ class Takeover:
             phrase = f"{status} {HTTPStatus(status).phrase}"
             client = self._answer(fd, http_response(phrase, body, request_id=request_id))
             told[status] += 1
-            path, seconds = ("/invocations", now - since) if since else ("other", 0.0)
+            path, seconds = (self.table.route(record), now - since) if since else ("other", 0.0)
             self._observe(row, path, status, seconds)
             self._access(
                 client=client,

@@ -334,7 +334,7 @@ def test_the_supervisor_answers_outstanding_requests_and_never_writes_over_a_res
         line.request(stuck[0])
         line.predicting(stuck[0], now - 10, "the-stuck-one")
         line.request(queued[0])
-        line.predicting(queued[0], now - 0.5, "the-queued-one")
+        line.predicting(queued[0], now - 0.5, "the-queued-one", "/v2/models/{name}/infer")
         # reading: a request whose body is still arriving.
         line.request(reading[0])
         # pipelined: a response complete, the next request already read.
@@ -370,8 +370,8 @@ def test_the_supervisor_answers_outstanding_requests_and_never_writes_over_a_res
         b'2 s; the worker is being replaced"}'
     )
     assert sorted((row, path, status) for row, path, status, _ in counted) == [
-        (0, "/invocations", 503),
         (0, "/invocations", 504),
+        (0, "/v2/models/{name}/infer", 503),  # counted under its own route
         (0, "other", 503),
         (0, "other", 503),
         (0, "other", 503),
