@@ -44,6 +44,7 @@ def run_in(image: str, script: str) -> str:
 
 def test_code_and_artifacts_model(
     registry_env: MlflowServer,
+    base_image: str,
     pyfunc_code_image: str,
     capsys: pytest.CaptureFixture[str],
     docker_client: Any,
@@ -56,6 +57,10 @@ def test_code_and_artifacts_model(
     assert config["Healthcheck"]["Test"][0] == "CMD"
     labels = config["Labels"]
     assert labels["io.packager.model.name"] == "pyfunc-code"
+    assert labels["org.opencontainers.image.base.name"] == base_image
+    assert labels["org.opencontainers.image.base.digest"].startswith("sha256:")
+    # By default: bytecode compiled, the packages' tests directories removed.
+    _check_venv(docker_client, tag, bytecode=True, keep_tests=False)
     assert labels["io.packager.model.version"] == "1"
     assert labels["io.packager.lock.digest"].startswith("sha256:")
     # Multi-stage: no wheelhouse, lock or pip left in the image.
@@ -81,44 +86,6 @@ def test_code_and_artifacts_model(
     report = capsys.readouterr().out
     assert "serving_input_example.json: 200 (expected 200) ok" in report
     assert "passed" in report
-
-
-def test_no_credentials_in_the_image(  # noqa: PLR0917 - pytest fixtures
-    registry_env: MlflowServer,
-    base_image: str,
-    cache_dir: Path,
-    private_index: Any,
-    private_wheels: dict[str, Path],
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """The model's requirements name a private index with its token: none of it ships."""
-    # Index credentials from the environment, as in a CI pipeline.
-    monkeypatch.setenv("PIP_EXTRA_INDEX_URL", private_index.url_with_credentials)
-    tag = "packager-test/abs-wheel-path:1"
-    code, out = build(
-        capsys,
-        "models:/abs-wheel-path/1",
-        "-t",
-        tag,
-        "--base-image",
-        base_image,
-        "--wheel-dir",
-        str(private_wheels["acme-featurizer"].parent),
-        "--mlflow-skinny",
-    )
-    assert code == 0, out
-    saved = tmp_path / "image.tar"
-    subprocess.run(["docker", "save", "-o", str(saved), tag], check=True, timeout=300)
-    found = _search_saved_image(
-        saved, [private_index.password.encode(), private_index.username.encode()]
-    )
-    assert found == []
-    # The model's requirements.txt is in the image, with the index but not its credentials.
-    requirements = run_in(tag, "cat /opt/model/requirements.txt")
-    assert private_index.url in requirements
-    assert main(["test", tag, "--model", "models:/abs-wheel-path/1"]) == 0
 
 
 def _search_saved_image(saved: Path, needles: list[bytes]) -> list[str]:
@@ -193,13 +160,19 @@ def test_base_build_is_reproducible(base_image: str, docker_client: Any) -> None
 
 
 @pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL])
-def test_an_interrupted_build_leaves_no_tag(
+def test_an_interrupted_build_leaves_no_tag(  # noqa: PLR0917 - pytest fixtures
     signal_number: int,
     registry_env: MlflowServer,
     base_image: str,
+    private_wheels: dict[str, Path],
     docker_client: Any,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Ctrl-C or a kill while the engine builds: no tag, no running build container."""
+    """Ctrl-C or a kill while the engine builds: no tag, no running build container.
+
+    The model is private-wheel/2, which carries its own wheel (``add_libraries_to_model``):
+    the re-run after the kill is also the Docker backend's build of a model with a wheel
+    inside it."""
     # A base no earlier build used, so the engine's cache can't finish the build at once.
     nonce = uuid.uuid4().hex[:12]
     fresh_base = f"packager-test/base-{nonce}:3.11"
@@ -210,7 +183,8 @@ def test_an_interrupted_build_leaves_no_tag(
     )
     tag = f"packager-test/interrupted-{nonce}:1"
     # No bytecode: the point is the interruption, and this build can't use the cache.
-    interrupted_build = [PACKAGER, "build", "models:/sk-cloudpickle/1", "--no-bytecode"]
+    model = "models:/private-wheel/2"
+    interrupted_build = [PACKAGER, "build", model, "--no-bytecode"]
     interrupted_build += ["--backend", "docker"]
     process = subprocess.Popen(
         [*interrupted_build, "-t", tag, "--base-image", fresh_base],
@@ -268,19 +242,26 @@ def test_an_interrupted_build_leaves_no_tag(
         )
         assert again.returncode == 0, again.stderr[-3000:]
         _check_venv(docker_client, tag, bytecode=False, keep_tests=True)
-        assert main(["test", tag, "--model", "models:/sk-cloudpickle/1"]) == 0
+        labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
+        assert labels["io.packager.model.name"] == "private-wheel"
+        assert labels["org.opencontainers.image.base.name"] == fresh_base
+        # `packager test` loads the model here to know the answers: its package too.
+        monkeypatch.setenv("PYTHONPATH", str(private_wheels["acme-featurizer"]))
+        assert main(["test", tag, "--model", model]) == 0
         docker_client.images.remove(tag, force=True)
     docker_client.images.remove(fresh_base, force=True)
 
 
-# pyfunc-code and abs-wheel-path are built above, and sk-cloudpickle without bytecode and
-# with the packages' tests (the interrupted build's re-run). private-wheel is the Docker
-# backend's model with a wheel inside it. Every test model is built, tested, pushed and
-# pulled through the default OCI backend in test_oci.py, whose files and config
-# test_oci.py also compares with this backend's; layer reuse between versions is tested
-# there (test_check_reproducible_and_warm_rebuild, test_load_sends_only_...). Building
-# more models here (sk-cloudpickle, sk-skops, params-model, two versions for layer reuse)
-# cost CI about 12 minutes and found nothing more.
+# The Docker backend builds two models in this file: pyfunc-code (code and artifacts, the
+# default bytecode and tests settings) and private-wheel/2 (a wheel inside the model; no
+# bytecode, the packages' tests kept: the interrupted build's re-run). The hostile model of
+# test_trust_images.py goes through this backend too, with index credentials in its
+# requirements and in the environment, and every layer, config and history entry of the
+# saved image is searched for them. Every other test model is built, tested, pushed and
+# pulled through the default OCI backend (test_oci.py, which also compares its files and
+# config with this backend's). More builds here (abs-wheel-path, sk-cloudpickle, sk-skops,
+# params-model, two versions for layer reuse) cost CI over 15 minutes on this engine and
+# found nothing the tests above miss.
 # How many pycs and how many packages' tests directories /opt/venv holds.
 VENV_PROBE = (
     "import pathlib; v = pathlib.Path('/opt/venv/lib/python3.11/site-packages'); "
@@ -301,26 +282,3 @@ def _check_venv(docker_client: Any, tag: str, *, bytecode: bool, keep_tests: boo
     # pandas, numpy, scipy, scikit-learn and pyarrow ship dozens of tests directories.
     assert (tests_dirs > 20) is keep_tests, f"{tests_dirs} tests directories in /opt/venv"
     assert tests_dirs == 0 or keep_tests
-
-
-def test_a_model_with_its_own_wheel_builds_and_serves(  # noqa: PLR0917 - pytest fixtures
-    registry_env: MlflowServer,
-    base_image: str,
-    private_wheels: dict[str, Path],
-    capsys: pytest.CaptureFixture[str],
-    docker_client: Any,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """private-wheel/2 carries its wheel in the model (``add_libraries_to_model``)."""
-    model, tag = "models:/private-wheel/2", "packager-test/private-wheel:2"
-    code, out = build(capsys, model, "-t", tag, "--base-image", base_image)
-    assert code == 0, out
-    _check_venv(docker_client, tag, bytecode=True, keep_tests=False)
-    labels = docker_client.images.get(tag).attrs["Config"]["Labels"]
-    assert labels["io.packager.model.name"] == "private-wheel"
-    assert labels["org.opencontainers.image.base.name"] == base_image
-    assert labels["org.opencontainers.image.base.digest"] == out["base_image_digest"]
-    # `packager test` loads the model here to know the answers.
-    monkeypatch.setenv("PYTHONPATH", str(private_wheels["acme-featurizer"]))
-    assert main(["test", tag, "--model", model]) == 0
-    assert "passed" in capsys.readouterr().out

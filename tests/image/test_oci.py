@@ -1,6 +1,6 @@
 """The daemonless OCI backend on real models, a real engine and a real registry.
 
-For the test models (see MODELS for the two covered by other tests here): two builds in
+For the test models (see MODELS for which, and where the others are covered): two builds in
 different directories, each with an empty packager cache, a different umask, time zone and
 host name, must give the same manifest digest; the image loaded into the engine passes
 ``packager test``; pushed to a local registry and pulled back by digest, it is the same
@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,18 @@ pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 PACKAGER = str(Path(sys.executable).with_name("packager"))
 BUILD_TIMEOUT = 1800
 
-# Which model version, and what it needs besides the reference. The other two test models
-# are built, reproduced and tested by the tests below, which CI pays for anyway:
-# sk-cloudpickle by test_check_reproducible_and_warm_rebuild (two builds from empty caches)
-# and test_load_sends_only_the_layers_the_engine_lacks (packager test), params-model by
-# test_bases_from_an_archive_and_a_registry (three bases, the same layers, packager test).
-# Two more pairs of builds here cost CI over 3 minutes and proved nothing more.
+# Which model version, and what it needs besides the reference: the two models whose
+# wheels don't come from an index (one inside the model, one from --wheel-dir with
+# mlflow-skinny and a private index), the inputs most likely to differ between two builds.
+# The other models are built, reproduced and tested by the tests below, which CI pays for
+# anyway: sk-cloudpickle by test_check_reproducible_and_warm_rebuild (two builds from empty
+# caches) and test_load_sends_only_the_layers_the_engine_lacks (packager test), params-model
+# by test_bases_from_an_archive_and_a_registry (three bases, the same layers, packager
+# test), pyfunc-code by test_same_files_and_config_as_the_docker_backend and, reproduced
+# from its provenance, by test_release_rebuild.py. sk-skops differs from sk-cloudpickle only
+# in the model file's format, which the server tests cover. Two builds each of pyfunc-code
+# and sk-skops here cost CI 6 minutes and proved nothing more.
 MODELS = {
-    "sk-skops": "models:/sk-skops/1",
-    "pyfunc-code": "models:/pyfunc-code/1",
     "private-wheel": "models:/private-wheel/2",
     "abs-wheel-path": "models:/abs-wheel-path/1",
 }
@@ -248,50 +252,85 @@ def _tree(image: str) -> dict[str, list[Any]]:
     return {row[0]: row[1:] for row in json.loads(out)}
 
 
-def test_check_reproducible_and_warm_rebuild(
-    registry_env: MlflowServer,
-    base_image: str,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from packager.cli import main
+@dataclass(frozen=True)
+class SkBuilds:
+    """sk-cloudpickle's OCI builds into one cache, shared by the two tests below."""
 
-    model = "models:/sk-cloudpickle/2"
-    assert main(["build", model, "--backend", "oci", "--base-image", base_image,
-                 "--check-reproducible", "--json"]) == 0  # fmt: skip
-    report = json.loads(capsys.readouterr().out)
+    cache: Path
+    checked: dict[str, Any]  # --check-reproducible
+    cold: dict[str, Any]  # the first build into the cache
+    warm: dict[str, Any]  # the same build again
+    other: dict[str, Any]  # version 1: the same lock
+
+
+@pytest.fixture(scope="module")
+def sk_builds(
+    mlflow_server: MlflowServer,
+    registered_models: Any,
+    base_image: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> SkBuilds:
+    root = tmp_path_factory.mktemp("sk-builds")
+    cache, out = root / "cache", root / "image"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PACKAGER_CACHE_DIR": str(cache)}
+
+    def build(model: str, *args: str) -> dict[str, Any]:
+        argv = [PACKAGER, "build", model, "--backend", "oci", "--base-image", base_image]
+        done = subprocess.run(
+            [*argv, *args, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=BUILD_TIMEOUT,
+            check=False,
+            env=env,
+        )
+        if done.returncode != 0:
+            pytest.fail(f"{argv} failed:\n{done.stdout}\n{done.stderr[-4000:]}", pytrace=False)
+        result: dict[str, Any] = json.loads(done.stdout)
+        return result
+
+    return SkBuilds(
+        cache=cache,
+        checked=build("models:/sk-cloudpickle/2", "--check-reproducible"),
+        cold=build("models:/sk-cloudpickle/2", "-o", str(out)),
+        warm=build("models:/sk-cloudpickle/2", "-o", str(out)),
+        other=build("models:/sk-cloudpickle/1", "-o", str(out)),
+    )
+
+
+def test_check_reproducible_and_warm_rebuild(sk_builds: SkBuilds) -> None:
+    report = sk_builds.checked
     assert report["reproducible"] is True
     assert report["digests"][0] == report["digests"][1]
     assert report["first_difference"] is None
 
     # Warm rebuild with nothing changed: every layer from the cache, same digest.
-    out = tmp_path / "image"
-    results = []
-    for _ in range(2):
-        assert main(["build", model, "--backend", "oci", "--base-image", base_image,
-                     "-o", str(out), "--json"]) == 0  # fmt: skip
-        results.append(json.loads(capsys.readouterr().out))
-    assert results[1]["layers_written"] == 0
-    assert results[1]["manifest_digest"] == results[0]["manifest_digest"] == report["digests"][0]
+    cold, warm = sk_builds.cold, sk_builds.warm
+    assert cold["layers_written"] >= 1
+    assert warm["layers_written"] == 0
+    assert warm["manifest_digest"] == cold["manifest_digest"] == report["digests"][0]
 
     # A new version with the same lock rewrites only the model's own layers.
-    assert main(["build", "models:/sk-cloudpickle/1", "--backend", "oci", "--base-image",
-                 base_image, "-o", str(out), "--json"]) == 0  # fmt: skip
-    other = json.loads(capsys.readouterr().out)
-    assert other["lock_digest"] == results[0]["lock_digest"]
-    assert other["manifest_digest"] != results[0]["manifest_digest"]
+    other = sk_builds.other
+    assert other["lock_digest"] == cold["lock_digest"]
+    assert other["manifest_digest"] != cold["manifest_digest"]
     assert other["layers_written"] == 1  # the model layer; venv, server, code, artifacts reused
 
 
-def test_load_sends_only_the_layers_the_engine_lacks(
+def test_load_sends_only_the_layers_the_engine_lacks(  # noqa: PLR0917 - pytest fixtures
     registry_env: MlflowServer,
     base_image: str,
+    sk_builds: SkBuilds,
     docker_client: Any,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     from packager.cli import main
     from packager.image import engine
+
+    # The layers come from the cache the builds above wrote (what is sent to the engine
+    # depends on the engine, not on the cache); building them again would cost CI 2 minutes.
+    monkeypatch.setenv("PACKAGER_CACHE_DIR", str(sk_builds.cache))
 
     first, second = "packager-test/oci-load:2", "packager-test/oci-load:1"
 
