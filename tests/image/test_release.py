@@ -1,11 +1,13 @@
 """``packager release`` end to end: a real ``mlflow server``, the OCI backend, the engine
-for the test, Debian's docker-registry. One release of the test model, a re-run that must
-be a no-op, then a look at what the registries hold."""
+for the test, Debian's docker-registry. One release of two registered models, a look at
+what the registries hold, a pull of one image by digest that passes ``packager test``, and
+a re-run that must be a no-op. test_release_rebuild.py rebuilds both digests."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -21,11 +23,13 @@ from tests.conftest import MlflowServer
 
 pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 
-MODEL = "models:/pyfunc-code/1"
+# Two registered models released in one call: the code-and-artifacts model and a
+# scikit-learn model logged with cloudpickle (another name, another version number).
+MODELS = {"pyfunc-code": "1", "sk-cloudpickle": "2"}
 
 
 @pytest.mark.usefixtures("registry_env")
-def test_release_then_already_released(
+def test_release_two_models_then_already_released(
     base_image: str,
     local_registry: str,
     docker_client: Any,
@@ -35,7 +39,8 @@ def test_release_then_already_released(
     from mlflow.tracking import MlflowClient
 
     repository = f"{local_registry}/released"
-    argv = ["release", MODEL, "-t", repository, "--base-image", base_image]
+    models = [f"models:/{name}/{version}" for name, version in MODELS.items()]
+    argv = ["release", *models, "-t", repository, "--base-image", base_image]
     argv += ["--alias", "live", "--attestations-dir", str(tmp_path), "--json"]
     argv += ["--manifests", str(tmp_path / "deploy")]
     started = time.monotonic()
@@ -44,63 +49,79 @@ def test_release_then_already_released(
     out = json.loads(capsys.readouterr().out)
     assert code == 0, out
     assert out["failed"] == []
-    (report,) = out["releases"]
-    assert report["status"] == "released"
-    assert report["tags"] == [f"{repository}:pyfunc-code-1"]
-    assert report["image"].startswith(f"{repository}@sha256:")
-    assert report["tested"] is True
-    assert report["test"]["built_from_model"] is True
-    assert [s["name"] for s in report["steps"]] == [
-        "source",
-        "lock",
-        "check",
-        "build",
-        "test",
-        "push",
-        "attest",
-        "record",
-        "manifests",
-    ]
-    # The manifests run the pushed digest, sized from the test's own measurements.
-    assert report["manifests"]["directory"] == str(tmp_path / "deploy" / "pyfunc-code")
-    deployment = yaml.safe_load((tmp_path / "deploy/pyfunc-code/deployment.yaml").read_text())
-    (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == report["image"]
-    assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
-    assert report["manifests"]["measured_from"] == "packager release's test"
-
-    # What the registries hold: the image by digest, the version's tags and the alias.
-    assert publish.manifest_exists(report["image"])
+    reports = out["releases"]
+    assert [r["model"] for r in reports] == models
     mlflow_client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    version = mlflow_client.get_model_version("pyfunc-code", "1")
-    assert version.tags[record.IMAGE_TAG] == report["image"]
-    assert version.tags[record.LOCK_DIGEST_TAG] == report["lock_digest"]
-    assert version.tags[record.BASE_DIGEST_TAG] == report["base_digest"]
-    assert version.tags[record.VERSION_TAG] == report["packager_version"]
-    live = mlflow_client.get_model_version_by_alias("pyfunc-code", "live")
-    assert str(live.version) == "1"
+    for report, (name, version) in zip(reports, MODELS.items(), strict=True):
+        assert report["status"] == "released"
+        assert report["tags"] == [f"{repository}:{name}-{version}"]
+        assert report["image"].startswith(f"{repository}@sha256:")
+        assert report["tested"] is True
+        assert report["test"]["built_from_model"] is True
+        assert [s["name"] for s in report["steps"]] == [
+            "source",
+            "lock",
+            "check",
+            "build",
+            "test",
+            "push",
+            "attest",
+            "record",
+            "manifests",
+        ]
+        # The manifests run the pushed digest, sized from the test's own measurements.
+        deploy = tmp_path / "deploy" / name
+        assert report["manifests"]["directory"] == str(deploy)
+        deployment = yaml.safe_load((deploy / "deployment.yaml").read_text())
+        (container,) = deployment["spec"]["template"]["spec"]["containers"]
+        assert container["image"] == report["image"]
+        assert deployment["spec"]["template"]["spec"]["securityContext"]["runAsUser"] == 10001
+        assert report["manifests"]["measured_from"] == "packager release's test"
 
-    _check_attestations(report, tmp_path, docker_client)
-    assert main(["attestations", report["image"], "--json"]) == 0
-    checked = json.loads(capsys.readouterr().out)
-    assert checked["verified"] is True, checked["problems"]
-    assert checked["attestations"] == {a["kind"]: a["pinned"] for a in report["attestations"]}
+        # What the registries hold: the image by digest, the version's tags and the alias.
+        assert publish.manifest_exists(report["image"])
+        recorded = mlflow_client.get_model_version(name, version)
+        assert recorded.tags[record.IMAGE_TAG] == report["image"]
+        assert recorded.tags[record.LOCK_DIGEST_TAG] == report["lock_digest"]
+        assert recorded.tags[record.BASE_DIGEST_TAG] == report["base_digest"]
+        assert recorded.tags[record.VERSION_TAG] == report["packager_version"]
+        assert str(mlflow_client.get_model_version_by_alias(name, "live").version) == version
+
+        _check_attestations(report, tmp_path, docker_client)
+        assert main(["attestations", report["image"], "--json"]) == 0
+        checked = json.loads(capsys.readouterr().out)
+        assert checked["verified"] is True, checked["problems"]
+        assert checked["attestations"] == {a["kind"]: a["pinned"] for a in report["attestations"]}
+    assert reports[0]["image"] != reports[1]["image"]
+
+    # What a deploy tool does: pull the second image by digest, from the registry alone.
+    pinned = reports[1]["image"]
+    for tag in reports[1]["tags"]:
+        docker_client.images.remove(tag, force=True)
+    pulled = subprocess.run(
+        ["docker", "pull", pinned], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert pulled.returncode == 0, pulled.stderr
+    assert main(["test", pinned, "--model", models[1]]) == 0
+    assert "passed" in capsys.readouterr().out
+    docker_client.images.remove(pinned, force=True)
 
     # The same release again: nothing built, pushed or recorded.
     started = time.monotonic()
     assert main(argv) == 0
     again_seconds = time.monotonic() - started
-    (again,) = json.loads(capsys.readouterr().out)["releases"]
-    assert again["status"] == "already released"
-    assert again["image"] == report["image"]
-    assert again["tags"] == []
-    assert again["recorded"]["tags"] == {}  # only the alias is set again
-    assert again["recorded"]["alias"] == "live"
-    assert "build" not in [s["name"] for s in again["steps"]]
-    assert "push" not in [s["name"] for s in again["steps"]]
-    assert again["manifests_skipped"] == "already released: the first release wrote them"
+    again_reports = json.loads(capsys.readouterr().out)["releases"]
+    for again, report in zip(again_reports, reports, strict=True):
+        assert again["status"] == "already released"
+        assert again["image"] == report["image"]
+        assert again["tags"] == []
+        assert again["recorded"]["tags"] == {}  # only the alias is set again
+        assert again["recorded"]["alias"] == "live"
+        assert "build" not in [s["name"] for s in again["steps"]]
+        assert "push" not in [s["name"] for s in again["steps"]]
+        assert again["manifests_skipped"] == "already released: the first release wrote them"
     # Timings are printed (README's figures), never asserted: they depend on the machine.
-    print(f"release: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
+    print(f"release of two: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
 
 
 @pytest.mark.usefixtures("registered_models")
@@ -172,9 +193,26 @@ def _check_attestations(report: dict[str, Any], written: Path, docker_client: An
     installed = {(n.lower().replace("_", "-"), v) for n, v in json.loads(output)}
     listed = {(n.lower().replace("_", "-"), v) for n, v in attest.installed_names(sbom)}
     assert listed == installed
+    # The base's Debian packages: exactly what dpkg itself says is installed in the image.
     components = json.loads(sbom)["components"]
-    debian = [c["name"] for c in components if c.get("purl", "").startswith("pkg:deb/debian/")]
-    assert "libc6" in debian
+    debian = {
+        (c["name"], c["version"])
+        for c in components
+        if c.get("purl", "").startswith("pkg:deb/debian/")
+    }
+    dpkg = docker_client.containers.run(
+        report["tags"][0],
+        entrypoint=["dpkg-query", "-W", "-f", "${db:Status-Status} ${Package} ${Version}\n"],
+        remove=True,
+        network_mode="none",
+    ).decode()
+    installed_debs = {
+        (name, version)
+        for status, name, version in (line.split(" ", 2) for line in dpkg.splitlines())
+        if status == "installed"
+    }
+    assert "libc6" in {name for name, _ in installed_debs}
+    assert debian == installed_debs
     statement = json.loads(documents["att"])
     assert statement["subject"][0]["digest"] == {"sha256": digest.removeprefix("sha256:")}
     resolved = {
