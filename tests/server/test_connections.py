@@ -127,12 +127,14 @@ def test_probes_answer_at_once_while_loading_despite_idle_and_slow_connections(
             trickler = threading.Thread(target=trickle)
             trickler.start()
             try:
+                # A responder that waited on any of the 200 held connections (whose heads
+                # never end before the 120 s header timeout) would not answer within
+                # _probe's 5 s socket timeout. No speed is asserted: a loaded CI machine
+                # once took 0.15 s where an earlier bound said 0.1 s.
                 for _ in range(10):
-                    live, live_seconds = _probe(server, "/live")
-                    ready, ready_seconds = _probe(server, "/ready")
+                    live, _seconds = _probe(server, "/live")
+                    ready, _seconds = _probe(server, "/ready")
                     assert (live, ready) == (200, 503)
-                    assert live_seconds < 0.1, live_seconds
-                    assert ready_seconds < 0.1, ready_seconds
             finally:
                 stop.set()
                 trickler.join(timeout=10)
