@@ -1,14 +1,21 @@
 """Load the webhook receiver on loopback: nothing lost, nothing twice, answers fast.
 
-    .venv/bin/python benchmarks/webhook_bench.py [--deliveries N] [--clients N] [--json FILE]
+    .venv/bin/python benchmarks/webhook_bench.py [--deliveries N] [--clients N]
+        [--processes P] [--rate R] [--json FILE]
 
 Starts ``packager webhook serve`` as its own process with ``--dispatch k8s-jobs:DIR`` (the
 real dispatcher: it writes one Job manifest per release, so the worker's cost is a file,
-not a build) and one worker. ``--clients`` threads in this process send signed
-``model_version_alias.created`` deliveries over keep-alive connections; every tenth a
-client sends is a resend of its previous delivery (same id, timestamp and signature, as
-MLflow's own retry sends it), which must be acknowledged and queued no second time. Then
-it waits for the queue to drain and counts, from the queue and the manifests:
+not a build) and one worker. ``--clients`` keep-alive connections, spread over
+``--processes`` client processes (one interpreter's lock shared by 20 sending threads
+delayed their own clocks by about as much as the receiver took), send signed
+``model_version_alias.created`` deliveries, built and signed before the clock starts;
+every tenth a client sends is a resend of its previous delivery (same id, timestamp and
+signature, as MLflow's own retry sends it), which must be acknowledged and queued no
+second time. By default each client sends its next delivery as soon as it has the answer
+(a closed loop: the receiver saturated, so latency is mostly queueing behind the other
+clients); ``--rate R`` instead makes R deliveries per second in all due at fixed times
+(an open loop), each latency counted from when its delivery was due. Then it waits for
+the queue to drain and counts, from the queue and the manifests:
 
 * lost: a delivery answered 2xx whose release never completed (or got a non-2xx answer);
 * duplicated: a release (model → image) completed more than once, or a resend queued again;
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -34,6 +42,8 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 from packager.webhook.queue import JobQueue
 from packager.webhook.signature import sign
@@ -71,41 +81,64 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], deadline: float = 60
     raise TimeoutError("the receiver did not become ready")
 
 
+def _deliveries(n: int, count: int, secret: str) -> list[tuple[str, dict[str, str], bytes]]:
+    """Client ``n``'s deliveries, built and signed before the clock starts (MLflow builds
+    and signs its own in its own process: none of that is the receiver's latency). Every
+    tenth is a resend of the one before: the same id, timestamp, signature and body."""
+    out: list[tuple[str, dict[str, str], bytes]] = []
+    previous: tuple[str, str, bytes] | None = None
+    for i in range(count):
+        if i % 10 == 9 and previous is not None:
+            delivery_id, stamp, body = previous  # MLflow's retry: the same request
+        else:
+            delivery_id, stamp = str(uuid.uuid4()), str(int(time.time()))
+            data = {"name": f"bench-{n}-{i}", "alias": "champion", "version": "1"}
+            body = json.dumps(
+                {
+                    "entity": "model_version_alias",
+                    "action": "created",
+                    "timestamp": "2026-12-02T00:00:00Z",
+                    "data": data,
+                }
+            ).encode()
+        previous = (delivery_id, stamp, body)
+        headers = {
+            "Content-Type": "application/json",
+            "X-MLflow-Delivery-Id": delivery_id,
+            "X-MLflow-Timestamp": stamp,
+            "X-MLflow-Signature": sign(secret, delivery_id, stamp, body),
+        }
+        out.append((delivery_id, headers, body))
+    return out
+
+
 class Client(threading.Thread):
-    def __init__(self, n: int, port: int, count: int) -> None:
+    """One keep-alive connection sending its deliveries one after another: as fast as
+    answers come (``interval`` 0, a closed loop), or one every ``interval`` seconds from
+    ``start`` (an open loop: the latency counts from when a delivery was due, so a slow
+    answer that delays the next send is not hidden)."""
+
+    def __init__(  # noqa: PLR0917 - a client's share of the load
+        self, n: int, port: int, count: int, start: float, interval: float, secret: str
+    ) -> None:
         super().__init__(name=f"client-{n}")
-        self.n, self.port, self.count = n, port, count
+        self.n, self.port, self.start_at, self.interval = n, port, start, interval
+        self.requests = _deliveries(n, count, secret)
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.failures = 0
-        self.unique: set[str] = set()
+        self.unique = {delivery_id for delivery_id, _, _ in self.requests}
 
     def run(self) -> None:
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        previous: tuple[str, str, bytes] | None = None
-        for i in range(self.count):
-            if i % 10 == 9 and previous is not None:
-                delivery_id, stamp, body = previous  # MLflow's retry: the same request
-            else:
-                delivery_id, stamp = str(uuid.uuid4()), str(int(time.time()))
-                data = {"name": f"bench-{self.n}-{i}", "alias": "champion", "version": "1"}
-                body = json.dumps(
-                    {
-                        "entity": "model_version_alias",
-                        "action": "created",
-                        "timestamp": "2026-12-02T00:00:00Z",
-                        "data": data,
-                    }
-                ).encode()
-                self.unique.add(delivery_id)
-            previous = (delivery_id, stamp, body)
-            headers = {
-                "Content-Type": "application/json",
-                "X-MLflow-Delivery-Id": delivery_id,
-                "X-MLflow-Timestamp": stamp,
-                "X-MLflow-Signature": sign(SECRET, delivery_id, stamp, body),
-            }
-            started = time.perf_counter()
+        # Spread the clients' first sends over one interval.
+        offset = self.interval * (self.n * 0.618034 % 1)
+        for i, (_, headers, body) in enumerate(self.requests):
+            due = self.start_at + offset + i * self.interval
+            delay = due - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            started = due if self.interval else time.monotonic()
             try:
                 connection.request("POST", "/webhook/mlflow", body=body, headers=headers)
                 response = connection.getresponse()
@@ -115,10 +148,40 @@ class Client(threading.Thread):
                 connection.close()
                 connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
                 continue
-            self.latencies.append(time.perf_counter() - started)
+            self.latencies.append(time.monotonic() - started)
             key = answer.get("status", f"http {response.status}")
             self.answers[key] = self.answers.get(key, 0) + 1
         connection.close()
+
+
+def _client_process(  # noqa: PLR0917 - a process's share of the load
+    first: int,
+    threads: int,
+    port: int,
+    count: int,
+    start: float,
+    interval: float,
+    secret: str,
+    out: Any,
+) -> None:
+    """``threads`` clients in this process; their results go back through ``out``. (The
+    secret is passed: a spawned process draws its own module-level one.)"""
+    clients = [Client(first + n, port, count, start, interval, secret) for n in range(threads)]
+    for client in clients:
+        client.start()
+    for client in clients:
+        client.join()
+    out.put(
+        [
+            {
+                "latencies": c.latencies,
+                "answers": c.answers,
+                "failures": c.failures,
+                "unique": sorted(c.unique),
+            }
+            for c in clients
+        ]
+    )
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,7 +189,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def run(deliveries: int, clients: int, workdir: Path) -> dict[str, object]:
+def run(
+    deliveries: int, clients: int, workdir: Path, *, processes: int, rate: float
+) -> dict[str, object]:
     rules, queue, jobs = workdir / "rules.yaml", workdir / "queue.db", workdir / "jobs"
     rules.write_text(RULES)
     port = free_port()
@@ -139,13 +204,29 @@ def run(deliveries: int, clients: int, workdir: Path) -> dict[str, object]:
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(port, process)
-        threads = [Client(n, port, deliveries // clients) for n in range(clients)]
-        started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        sending = time.monotonic() - started
+        # Clients in several processes: one interpreter's lock shared by 20 sending
+        # threads delayed their own timestamps by as much as the receiver took.
+        per_client = deliveries // clients
+        interval = clients / rate if rate else 0.0
+        start = time.monotonic() + 2.0 + clients * per_client / 20000  # after building
+        context = multiprocessing.get_context("spawn")
+        out = context.Queue()
+        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+        firsts = [sum(shares[:i]) for i in range(processes)]
+        workers = [
+            context.Process(
+                target=_client_process,
+                args=(first, share, port, per_client, start, interval, SECRET, out),
+            )
+            for first, share in zip(firsts, shares, strict=True)
+            if share
+        ]
+        for worker in workers:
+            worker.start()
+        threads = [SimpleNamespace(**r) for _ in workers for r in out.get(timeout=3600)]
+        for worker in workers:
+            worker.join()
+        sending = time.monotonic() - start
         unique = sum(len(t.unique) for t in threads)
         reader = JobQueue(queue, owner=False)
         try:
@@ -155,7 +236,7 @@ def run(deliveries: int, clients: int, workdir: Path) -> dict[str, object]:
                 if counts["done"] + counts["parked"] >= unique or process.poll() is not None:
                     break
                 time.sleep(0.2)
-            drained = time.monotonic() - started
+            drained = time.monotonic() - start
             done = reader.jobs("done")
             counts = reader.counts()
         finally:
@@ -174,6 +255,8 @@ def run(deliveries: int, clients: int, workdir: Path) -> dict[str, object]:
     return {
         "deliveries": sum(len(t.latencies) + t.failures for t in threads),
         "clients": clients,
+        "client_processes": len(workers),
+        "rate_per_s": rate or "as fast as answered (closed loop)",
         "unique_deliveries": unique,
         "answers": answers,
         "transport_failures": sum(t.failures for t in threads),
@@ -193,10 +276,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--deliveries", type=int, default=2000)
     parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--processes", type=int, default=4, help="client processes (default 4)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="deliveries per second in all, each due at its time (default 0: every "
+        "client sends its next as soon as it has the answer)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="webhook-bench-") as tmp:
-        result = run(args.deliveries, args.clients, Path(tmp))
+        result = run(
+            args.deliveries,
+            args.clients,
+            Path(tmp),
+            processes=max(1, min(args.processes, args.clients)),
+            rate=args.rate,
+        )
     for key, value in result.items():
         print(f"{key:>20}: {value}")
     if args.json:
