@@ -20,6 +20,7 @@ rule matches, or of a kind packager does not act on, is acknowledged and ignored
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import re
 import string
 from collections.abc import Mapping
@@ -101,12 +102,20 @@ def reference_part(value: str | None) -> str:
     """``value`` as an image repository path component (which a tag also accepts):
     lower case, runs of other characters than ``a-z0-9`` and single separators made one
     ``-``, no separator at either end. MLflow allows ``FraudModel`` or ``fraud model``
-    as model names; a reference does not."""
+    as model names; a reference does not.
+
+    A value that had to change gets the first 8 hex digits of its sha256 appended
+    (``FraudModel`` → ``fraudmodel-<hash>``): MLflow's names are case-sensitive, and
+    ``FraudModel`` and ``fraudmodel`` (or ``fraud model`` and ``fraud-model``) are two
+    models that must never push to one image. A value that is already a valid component
+    stays as it is."""
     if not value:
         return ""
     text = re.sub(r"[^a-z0-9._-]+", "-", value.lower())
-    text = re.sub(r"[._-]{2,}", "-", text).strip("._-")
-    return text or "model"
+    text = re.sub(r"[._-]{2,}", "-", text).strip("._-") or "model"
+    if text == value:
+        return text
+    return f"{text}-{hashlib.sha256(value.encode()).hexdigest()[:8]}"
 
 
 @dataclass(frozen=True, kw_only=True)

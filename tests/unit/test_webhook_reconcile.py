@@ -14,7 +14,7 @@ from packager.errors import RegistryUnreachableError
 from packager.record import IMAGE_TAG, LOCK_DIGEST_TAG, VERSION_TAG
 from packager.webhook.queue import JobQueue
 from packager.webhook.reconcile import RECENT, RECONCILE, VersionView, plan, reconcile
-from packager.webhook.rules import parse_rules
+from packager.webhook.rules import parse_rules, reference_part
 from packager.webhook.service import Reconciler
 
 RULES = """\
@@ -158,10 +158,13 @@ def test_reconciler_survives_an_unreachable_registry(
 def test_reconciled_images_use_a_reference_fit_name() -> None:
     registry = FakeRegistry({"Fraud Model": {"3": {"deploy": "true"}}}, {})
     [job] = plan(parse_rules(RULES), registry)
+    # The same name as a delivery would give (the hash of "Fraud Model" keeps it apart
+    # from a model named "fraud-model").
     assert (job.model, job.image) == (
         "models:/Fraud Model/3",
-        "reg.example:5000/tagged/fraud-model:3",
+        f"reg.example:5000/tagged/{reference_part('Fraud Model')}:3",
     )
+    assert job.image.startswith("reg.example:5000/tagged/fraud-model-")
 
 
 def test_reconciler_survives_a_bug_and_readiness_sees_it_end(

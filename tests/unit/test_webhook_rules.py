@@ -169,10 +169,14 @@ def test_malformed_events_are_refused(payload: object) -> None:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("FraudModel", "reg.example:5000/tagged/fraudmodel:7"),
-        ("fraud model", "reg.example:5000/tagged/fraud-model:7"),
-        ("Fraud__Model (v2)!", "reg.example:5000/tagged/fraud-model-v2:7"),
-        ("_.odd.-", "reg.example:5000/tagged/odd:7"),
+        # Changed to fit: the original name's hash keeps it apart from the others.
+        ("FraudModel", "reg.example:5000/tagged/fraudmodel-f2a206a9:7"),
+        ("fraud model", "reg.example:5000/tagged/fraud-model-8ddd6434:7"),
+        ("Fraud__Model (v2)!", "reg.example:5000/tagged/fraud-model-v2-50a6a411:7"),
+        ("_.odd.-", "reg.example:5000/tagged/odd-1f09e952:7"),
+        # Already valid: as it is.
+        ("fraudmodel", "reg.example:5000/tagged/fraudmodel:7"),
+        ("fraud-model", "reg.example:5000/tagged/fraud-model:7"),
         ("fraud.model_v2", "reg.example:5000/tagged/fraud.model_v2:7"),
     ],
 )
@@ -182,3 +186,14 @@ def test_model_names_become_valid_image_references(name: str, expected: str) -> 
     assert job.image == expected
     assert validate_reference(job.image) == expected
     assert job.name == name  # the model itself keeps its name
+
+
+def test_names_that_differ_only_in_case_or_punctuation_never_share_an_image() -> None:
+    rules = parse_rules(RULES)
+    names = ["FraudModel", "fraudmodel", "Fraudmodel", "fraud model", "fraud-model", "Fraud Model"]
+    images = set()
+    for name in names:
+        event = Event(kind=TAG_SET, name=name, version="7", tag_key="deploy", tag_value="true")
+        [job] = rules.plan(event)
+        images.add(job.image)
+    assert len(images) == len(names)
