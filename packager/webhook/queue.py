@@ -134,8 +134,11 @@ class JobQueue:
         self.retry = retry or RetryPolicy()
         self.owner = owner
         self._lock = threading.Lock()
-        self._waiting_lock = threading.Lock()
+        # Group commit: deliveries wait here; one of them at a time (the leader) commits
+        # every waiting one, and the others sleep on the condition until theirs is done.
+        self._group = threading.Condition(threading.Lock())
         self._waiting: list[_Request] = []
+        self._committing = False
         if not owner and not path.is_file():
             raise UsageError(
                 f"there is no webhook queue at {path}",
@@ -208,18 +211,33 @@ class JobQueue:
         until that run ends.
 
         Group commit: deliveries that arrive while another commit is on its way to the
-        disk wait for it, and the first of them to get the connection commits them all in
-        one transaction (one fsync), so under load the answer waits for about one fsync
-        rather than one per delivery ahead of it."""
+        disk wait for it, then one of them (the leader) commits them all in one
+        transaction (one fsync) while the others sleep until the leader wakes them, so
+        under load the answer waits for about one fsync rather than one per delivery
+        ahead of it. (Each delivery taking the connection's lock in turn only to find its
+        work done, as before, left some waiting out many commits: an unfair lock lets the
+        thread that just released it take it again.)"""
         stamp = time.time() if now is None else now
         request = _Request(delivery_id=delivery_id, event=event, jobs=jobs, stamp=stamp)
-        with self._waiting_lock:
+        with self._group:
             self._waiting.append(request)
-        with self._lock:
-            if request.result is None and request.error is None:
-                with self._waiting_lock:
-                    batch, self._waiting = self._waiting, []
-                self._commit(batch)
+            while request.result is None and request.error is None:
+                if self._committing:
+                    self._group.wait()
+                    continue
+                self._committing = True
+                batch, self._waiting = self._waiting, []
+                self._group.release()
+                try:
+                    with self._lock:
+                        self._commit(batch)
+                finally:
+                    self._group.acquire()
+                    self._committing = False
+                    for waiting in batch:  # the leader was interrupted: never wait forever
+                        if waiting.result is None and waiting.error is None:
+                            waiting.error = CacheError("the commit was interrupted; retry")
+                    self._group.notify_all()
         if request.error is not None:
             raise request.error
         if request.result is None:  # pragma: no cover - every batch sets one or the other

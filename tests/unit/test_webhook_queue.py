@@ -10,10 +10,11 @@ import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from packager.errors import UsageError
+from packager.errors import CacheError, UsageError
 from packager.webhook.queue import JobQueue, RetryPolicy
 from packager.webhook.rules import VERSION_CREATED, JobSpec, ReleaseChoices
 
@@ -238,3 +239,49 @@ def test_the_receiver_refuses_a_log_shorter_than_a_day(tmp_path: Path) -> None:
     )
     with pytest.raises(UsageError, match=r"--keep-days 0\.5: at least 1"):
         options.check()
+
+
+def test_concurrent_deliveries_share_commits_and_each_is_queued_once(
+    queue: JobQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit under 20 threads: every delivery committed once, in fewer
+    transactions than deliveries; a commit that fails hands its error to its own batch
+    only, and nobody waits forever."""
+    import threading
+
+    commits: list[int] = []
+    real_commit = queue._commit
+    failing = {"d-3-7"}
+
+    def counted(batch: list[Any]) -> None:
+        commits.append(len(batch))
+        if failing & {r.delivery_id for r in batch}:
+            for request in batch:
+                request.error = CacheError("disk full")
+            return
+        real_commit(batch)
+
+    monkeypatch.setattr(queue, "_commit", counted)
+    results: dict[str, object] = {}
+
+    def client(n: int) -> None:
+        for i in range(25):
+            delivery = f"d-{n}-{i}"
+            try:
+                results[delivery] = queue.accept(delivery, VERSION_CREATED, (spec(delivery),))
+            except CacheError as err:
+                results[delivery] = err
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(20)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads)
+    failed = {d for d, r in results.items() if isinstance(r, CacheError)}
+    assert "d-3-7" in failed
+    assert len(results) == 500
+    assert sum(commits) == 500  # each delivery in exactly one batch
+    assert len(commits) < 500  # and batches were shared
+    queued = {job.delivery_id for job in queue.jobs()}
+    assert queued == set(results) - failed
