@@ -8,6 +8,7 @@ errors go to stderr. With ``--json`` an error is also printed to stdout as
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from packager import __version__, api, publish
 from packager.cache import ModelCache
@@ -1268,7 +1269,26 @@ def _report(
 
 def entrypoint() -> None:
     """Console-script entry point."""
-    sys.exit(main())
+    code = main()
+    if "rattler" in sys.modules:
+        exit_before_finalizing(code)
+    sys.exit(code)
+
+
+def exit_before_finalizing(code: int) -> NoReturn:
+    """End the process without the interpreter's finalization, once everything is written.
+
+    py-rattler (the conda solver and installer) keeps a Rust runtime whose threads may
+    still touch Python while the interpreter finalizes: a process that used it then aborts
+    or segfaults after its work is done, about one run in ten here (``packager lock`` on a
+    conda model exited 134 or 139 with its lock written). Everything packager writes is
+    closed by then (context managers), so the output is flushed and logging shut down,
+    and the process exits with its code."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # --- packager webhook ----------------------------------------------------------------

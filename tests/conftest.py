@@ -315,3 +315,24 @@ def flavor_models(
 ) -> FlavorModels:
     """``flavor_models(name)``: the directory of one flavor model, as the registry gives it."""
     return FlavorModels(flavor_python, tmp_path_factory.mktemp("flavor-models"), mlflow_server.uri)
+
+
+# -- py-rattler and the end of the test process -----------------------------------------
+# The conda tests solve and install with py-rattler, whose runtime threads may touch Python
+# while the interpreter finalizes: the process then aborts after every test passed (see
+# packager.cli.exit_before_finalizing). The session's exit status is kept and the process
+# ends with it, unfinalized, once pytest has written everything.
+_EXIT_STATUS: list[int] = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    _EXIT_STATUS.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "rattler" in sys.modules and _EXIT_STATUS:
+        from packager.cli import exit_before_finalizing
+
+        exit_before_finalizing(_EXIT_STATUS[-1])
