@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from packager.cli import main
 from packager.env.conda import solve_conda
 from packager.env.condalock import parse_conda_lock
 from packager.env.condapkgs import fetch_conda_packages
+from packager.env.condaprefix import install_prefix
 from packager.env.lock import read_lock
-from packager.errors import HashMismatchError, IndexAuthError
+from packager.errors import HashMismatchError, IndexAuthError, LockError
 from packager.spec.environment import CondaEnv
 from tests.fixtures.conda.channel import build_channel
 from tests.fixtures.conda.server import serve_channel
@@ -285,16 +287,11 @@ def test_a_package_that_does_not_match_its_sha256_is_not_cached(
     assert not list((cache / "conda/pkgs/v1/sha256").glob("*"))
 
 
-def test_a_lock_and_its_cached_packages_are_enough_for_rattler_to_install(
-    tmp_path: Path, channel: Path
-) -> None:
-    """What the image half starts from: the lock read back from text, its packages from the
-    sha256 cache, records from the archives themselves (noarch kind, build number), and
-    rattler installing them into a staging directory for the final prefix /opt/conda."""
-    import asyncio
-
-    import rattler
-
+def test_the_locked_packages_install_for_their_final_prefix(tmp_path: Path, channel: Path) -> None:
+    """What an image holds at /opt/conda: the lock read back from text, its packages from
+    the sha256 cache, installed by rattler into a staging directory for the final prefix.
+    The tool's binary names /opt/conda (its placeholder rewritten in place), and nothing
+    in the tree names the build host."""
     cache = tmp_path / "cache"
     solved = solve_conda(
         CondaEnv(channels=(), python="3.12", conda_packages=("acme-tool", "acme-py"), pip=()),
@@ -304,24 +301,34 @@ def test_a_lock_and_its_cached_packages_are_enough_for_rattler_to_install(
     )
     locked = parse_conda_lock(solved.text)
     files = fetch_conda_packages(locked, cache_root=cache).files
-
-    async def records() -> list[rattler.RepoDataRecord]:
-        return [await rattler.RepoDataRecord.from_package_archive(f.path) for f in files]
-
     staging = tmp_path / "staging"
-    asyncio.run(
-        rattler.install(
-            asyncio.run(records()),
-            staging,
-            alternative_target_prefix="/opt/conda",
-            cache_dir=tmp_path / "rattler-cache",
-            platform=rattler.Subdir("linux-64"),
-            show_progress=False,
-        )
+    installed = install_prefix(locked, files, staging, work=tmp_path / "rattler-work")
+    assert installed.prefix == "/opt/conda"
+    assert installed.python == "3.12"
+    assert [p.split("=")[0] for p in installed.packages] == [
+        "acme-py",
+        "acme-tool",
+        "libacme",
+        "python",
+    ]
+    # The binary's prefix placeholder (rattler-build's padded build prefix) now reads
+    # /opt/conda; libacme is found through the RUNPATH $ORIGIN/../lib.
+    ran = subprocess.run(
+        [str(staging / "bin/acme-tool")], capture_output=True, text=True, check=True
     )
-    assert (staging / "lib/libacme.so").is_file()
-    assert (staging / "bin/acme-tool").is_file()
+    assert ran.stdout == "/opt/conda 45\n"
     # noarch: python lands in the site-packages of the conda environment's Python.
     assert (staging / "lib/python3.12/site-packages/acme_py/__init__.py").is_file()
-    installed = {p.name.rsplit("-", 2)[0] for p in (staging / "conda-meta").glob("*.json")}
-    assert installed == {"acme-py", "acme-tool", "libacme", "python"}
+    metas = {p.name: json.loads(p.read_text()) for p in (staging / "conda-meta").glob("*.json")}
+    assert {m["name"] for m in metas.values()} == {"acme-py", "acme-tool", "libacme", "python"}
+    tool = metas["acme-tool-2.0-0.json"]
+    assert tool["url"] == f"{channel.as_uri()}/linux-64/acme-tool-2.0-0.conda"
+    assert tool["channel"] == channel.as_uri()
+    assert "extracted_package_dir" not in tool
+    assert "source" not in tool["link"]
+    assert not (staging / "CACHEDIR.TAG").exists()
+    host = str(tmp_path).encode()
+    assert [p for p in staging.rglob("*") if p.is_file() and host in p.read_bytes()] == []
+    # A staging directory is never reused.
+    with pytest.raises(LockError, match="exists already"):
+        install_prefix(locked, files, staging, work=tmp_path / "rattler-work")
