@@ -73,6 +73,7 @@ CREATE TABLE IF NOT EXISTS jobs (
 );
 CREATE INDEX IF NOT EXISTS jobs_ready ON jobs(state, not_before);
 CREATE INDEX IF NOT EXISTS jobs_key ON jobs(key, state);
+CREATE INDEX IF NOT EXISTS jobs_delivery ON jobs(delivery_id);
 """
 
 
@@ -123,7 +124,8 @@ class RetryPolicy:
 
 
 class JobQueue:
-    """The queue file at ``path``; thread-safe (one connection, one lock).
+    """The queue file at ``path``; thread-safe (one connection behind one lock; deliveries
+    wait for their group commit on a condition of their own).
 
     ``owner=False`` opens an existing queue beside the receiver that owns it (for
     ``jobs`` and ``retry``): no ownership lock is taken, and a missing file is an error
@@ -227,8 +229,8 @@ class JobQueue:
                     continue
                 self._committing = True
                 batch, self._waiting = self._waiting, []
-                self._group.release()
                 try:
+                    self._group.release()
                     with self._lock:
                         self._commit(batch)
                 finally:
@@ -398,15 +400,16 @@ class JobQueue:
 
     def prune(self, *, keep_seconds: float, now: float | None = None) -> tuple[int, int]:
         """Forget what is older than ``keep_seconds``: jobs done that long ago, then the
-        deliveries older than that with no job left. Failed, parked, pending and running
-        jobs stay whatever their age (someone has to look at them), and so do their
-        deliveries. Returns (jobs, deliveries) removed.
+        deliveries older than that with no job of their own left (a delivery that joined
+        another's job never had one). Failed, parked, pending and running jobs stay
+        whatever their age (someone has to look at them), and so do the deliveries that
+        made them. Returns (jobs, deliveries) removed.
 
         Safe for the delivery ids' role against replays as long as ``keep_seconds`` is
         longer than the signature's timestamp window (a delivery older than that is
         refused before its id is looked up) and than reconciliation's memory of recent
         jobs (:data:`packager.webhook.reconcile.RECENT`): :data:`MIN_KEEP_SECONDS`."""
-        if keep_seconds < MIN_KEEP_SECONDS:
+        if not keep_seconds >= MIN_KEEP_SECONDS:  # NaN too
             raise UsageError(
                 f"deliveries must be kept at least {MIN_KEEP_SECONDS / 86400:g} day(s)",
                 hint="a shorter log would forget deliveries MLflow may still resend",

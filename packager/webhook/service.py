@@ -56,11 +56,15 @@ class ServeOptions:
             raise UsageError("--retry-limit must be at least 1 and --retry-backoff not negative")
         if self.reconcile_interval < 0:
             raise UsageError("--reconcile-interval must not be negative (0: only on start)")
-        if self.keep_days * 86400 < MIN_KEEP_SECONDS:
+        if not self.keep_days * 86400 >= MIN_KEEP_SECONDS:  # NaN too
             raise UsageError(
                 f"--keep-days {self.keep_days:g}: at least {MIN_KEEP_SECONDS / 86400:g}",
                 hint="a shorter log would forget deliveries MLflow may still resend",
             )
+
+
+# How often the queue is pruned when reconciliation runs at start only.
+PRUNE_ONLY_SECONDS = 86400.0
 
 
 class Reconciler:
@@ -101,29 +105,44 @@ class Reconciler:
         return self._thread.ident is None or self._thread.is_alive() or self._returned
 
     def run_once(self) -> tuple[int, ...]:
-        try:
-            jobs, deliveries = self.queue.prune(keep_seconds=self.keep_seconds)
-        except (PackagerError, sqlite3.Error) as err:
-            log.warning("pruning the queue failed (next try in %.0f s): %s", self.interval, err)
-        else:
-            if jobs or deliveries:
-                log.info("pruned %d done job(s) and %d delivery record(s)", jobs, deliveries)
+        self.prune()
         try:
             ids = reconcile(self.rules, self.registry(), self.queue)
         except PackagerError as err:
-            log.warning("reconciliation failed (next try in %.0f s): %s", self.interval, err)
+            log.warning("reconciliation failed (%s): %s", self._next_try, err)
             return ()
         except Exception:  # a bug must not end reconciliation for good
-            log.exception("reconciliation failed (next try in %.0f s)", self.interval)
+            log.exception("reconciliation failed (%s)", self._next_try)
             return ()
         if ids:
             self.wake()
         return ids
 
+    def prune(self) -> None:
+        try:
+            jobs, deliveries = self.queue.prune(keep_seconds=self.keep_seconds)
+        except (PackagerError, sqlite3.Error) as err:
+            log.warning("pruning the queue failed (%s): %s", self._next_try, err)
+        except Exception:  # a bug must not end the loop for good
+            log.exception("pruning the queue failed (%s)", self._next_try)
+        else:
+            if jobs or deliveries:
+                log.info("pruned %d done job(s) and %d delivery record(s)", jobs, deliveries)
+
+    @property
+    def _next_try(self) -> str:
+        return f"next try in {self.interval:.0f} s" if self.interval > 0 else "next at restart"
+
     def _loop(self) -> None:
         self.run_once()
-        while self.interval > 0 and not self._stop.wait(self.interval):
-            self.run_once()
+        # With --reconcile-interval 0 the registry is read at start only, but the queue
+        # is still pruned once a day.
+        period = self.interval if self.interval > 0 else PRUNE_ONLY_SECONDS
+        while not self._stop.wait(period):
+            if self.interval > 0:
+                self.run_once()
+            else:
+                self.prune()
         self._returned = True
 
 
