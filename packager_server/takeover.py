@@ -218,8 +218,10 @@ class Lifeline:
         connection, and has not begun this request's. ``route``: its ``path`` label."""
         record = self._first + slot
         self._cells[record * _RECORD // 8] = REQUEST
-        self._cells[record * _RECORD // 8 + 1] = since
+        # The route before the start time: a worker stopped between the two stores is
+        # never counted under the slot's previous route.
         self._cells[record * _RECORD // 8 + 2] = _ROUTES.get(route, _ROUTES["/invocations"])
+        self._cells[record * _RECORD // 8 + 1] = since
         start = record * _RECORD + _CELLS * 8
         value = request_id.encode("ascii", "replace")[:_ID_BYTES]
         self._raw[start : start + _ID_BYTES] = value.ljust(_ID_BYTES, b"\0")
