@@ -1270,9 +1270,13 @@ def _report(
 def entrypoint() -> None:
     """Console-script entry point."""
     code = main()
-    if "rattler" in sys.modules:
+    if RUST_RUNTIMES & sys.modules.keys():
         exit_before_finalizing(code)
     sys.exit(code)
+
+
+# Extension modules whose Rust runtime may outlive the interpreter's finalization.
+RUST_RUNTIMES = frozenset({"rattler", "rattler_build"})
 
 
 def exit_before_finalizing(code: int) -> NoReturn:

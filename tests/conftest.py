@@ -332,7 +332,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    if "rattler" in sys.modules and _EXIT_STATUS:
-        from packager.cli import exit_before_finalizing
+    from packager.cli import RUST_RUNTIMES, exit_before_finalizing
 
+    if RUST_RUNTIMES & sys.modules.keys() and _EXIT_STATUS:
         exit_before_finalizing(_EXIT_STATUS[-1])
