@@ -11,8 +11,10 @@ build host.
 So after the install this module removes what rattler records about the host: the
 package-cache paths in ``conda-meta/*.json`` (``extracted_package_dir``, ``link.source``)
 and the ``file://`` URL of the cached archive, replaced by the lock's own URL (no
-credentials: the lock has none) and its channel. A last scan refuses a tree that still
-contains the staging or cache path.
+credentials: the lock has none) and its channel. A last scan (file contents and link
+targets) refuses a tree that still contains the staging, work or cache path. (A lock made
+against a local ``file://`` channel names that channel's path in its URLs, and so does
+``conda-meta``: that is the user's own channel, as recorded in the lock.)
 
 Link scripts never run (they would run on the build host). Records are read from the
 archives themselves, so the kind of package (``noarch: python`` goes into the
@@ -24,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -65,6 +68,12 @@ def install_prefix(
     if staging.exists():
         raise LockError(f"the conda staging directory {staging} exists already")
     by_file = {package.file_name: package for package in lock.packages}
+    if sorted(file.file_name for file in files) != sorted(by_file):
+        raise LockError(
+            "the conda packages given are not the lock's: "
+            + ", ".join(sorted(set(by_file) ^ {file.file_name for file in files})),
+            hint="fetch every package of the lock (fetch_conda_packages) before installing",
+        )
     records = asyncio.run(_records(files))
     for record, file in zip(records, files, strict=True):
         locked = by_file.get(file.file_name)
@@ -78,18 +87,22 @@ def install_prefix(
                 f"({record.name.normalized} {record.version} {record.build})",
                 hint="lock again: the conda part of the lock and its cached packages differ",
             )
-    asyncio.run(
-        rattler.install(
-            records,
-            staging,
-            alternative_target_prefix=prefix,
-            cache_dir=work,
-            platform=rattler.Platform(lock.platform),
-            execute_link_scripts=False,
-            show_progress=False,
+    try:
+        asyncio.run(
+            rattler.install(
+                records,
+                staging,
+                alternative_target_prefix=prefix,
+                cache_dir=work,
+                platform=rattler.Platform(lock.platform),
+                execute_link_scripts=False,
+                show_progress=False,
+            )
         )
-    )
-    _forget_the_host(staging, lock, hosts=(str(staging), str(work), *_cache_dirs(files)))
+        _forget_the_host(staging, lock, hosts=(str(staging), str(work), *_cache_dirs(files)))
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)  # a retry starts from nothing
+        raise
     python = lock.python
     return CondaPrefix(
         root=staging,
@@ -132,13 +145,15 @@ def _forget_the_host(staging: Path, lock: CondaLock, *, hosts: Sequence[str]) ->
             leftover.unlink()
     needles = [host.encode() for host in hosts if host]
     for path in sorted(staging.rglob("*")):
-        if path.is_symlink() or not path.is_file():
+        if path.is_symlink():
+            data = os.fsencode(path.readlink())
+        elif path.is_file():
+            data = path.read_bytes()
+        else:
             continue
-        data = path.read_bytes()
         found = next((n for n in needles if n in data), None)
         if found is not None:
             relative = path.relative_to(staging)
-            shutil.rmtree(staging, ignore_errors=True)
             raise LockError(
                 f"the conda environment's {relative} names a build-host path "
                 f"({found.decode(errors='replace')}); it would ship in the image",
