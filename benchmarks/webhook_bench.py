@@ -8,8 +8,9 @@ real dispatcher: it writes one Job manifest per release, so the worker's cost is
 not a build) and one worker. ``--clients`` keep-alive connections, spread over
 ``--processes`` client processes (one interpreter's lock shared by 20 sending threads
 delayed their own clocks by about as much as the receiver took), send signed
-``model_version_alias.created`` deliveries, built and signed before the clock starts;
-every tenth a client sends is a resend of its previous delivery (same id, timestamp and
+``model_version_alias.created`` deliveries, built before the clock starts and signed as
+they are sent (all processes start together once every one has built its share); every
+tenth a client sends is a resend of its previous delivery (same id, timestamp and
 signature, as MLflow's own retry sends it), which must be acknowledged and queued no
 second time. By default each client sends its next delivery as soon as it has the answer
 (a closed loop: the receiver saturated, so latency is mostly queueing behind the other
@@ -32,6 +33,7 @@ import http.client
 import json
 import multiprocessing
 import os
+import queue as queue_module
 import signal
 import socket
 import statistics
@@ -81,49 +83,43 @@ def wait_ready(port: int, process: subprocess.Popen[bytes], deadline: float = 60
     raise TimeoutError("the receiver did not become ready")
 
 
-def _deliveries(n: int, count: int, secret: str) -> list[tuple[str, dict[str, str], bytes]]:
-    """Client ``n``'s deliveries, built and signed before the clock starts (MLflow builds
-    and signs its own in its own process: none of that is the receiver's latency). Every
-    tenth is a resend of the one before: the same id, timestamp, signature and body."""
-    out: list[tuple[str, dict[str, str], bytes]] = []
-    previous: tuple[str, str, bytes] | None = None
+def _deliveries(n: int, count: int) -> list[tuple[str, bytes, bool]]:
+    """Client ``n``'s deliveries (id, body, is a resend), built before the clock starts:
+    MLflow builds its own in its own process. Every tenth is a resend of the one before
+    (MLflow's retry: the same id, timestamp, signature and body)."""
+    out: list[tuple[str, bytes, bool]] = []
     for i in range(count):
-        if i % 10 == 9 and previous is not None:
-            delivery_id, stamp, body = previous  # MLflow's retry: the same request
-        else:
-            delivery_id, stamp = str(uuid.uuid4()), str(int(time.time()))
-            data = {"name": f"bench-{n}-{i}", "alias": "champion", "version": "1"}
-            body = json.dumps(
-                {
-                    "entity": "model_version_alias",
-                    "action": "created",
-                    "timestamp": "2026-12-02T00:00:00Z",
-                    "data": data,
-                }
-            ).encode()
-        previous = (delivery_id, stamp, body)
-        headers = {
-            "Content-Type": "application/json",
-            "X-MLflow-Delivery-Id": delivery_id,
-            "X-MLflow-Timestamp": stamp,
-            "X-MLflow-Signature": sign(secret, delivery_id, stamp, body),
-        }
-        out.append((delivery_id, headers, body))
+        if i % 10 == 9 and out:
+            out.append((out[-1][0], out[-1][1], True))
+            continue
+        data = {"name": f"bench-{n}-{i}", "alias": "champion", "version": "1"}
+        body = json.dumps(
+            {
+                "entity": "model_version_alias",
+                "action": "created",
+                "timestamp": "2026-12-02T00:00:00Z",
+                "data": data,
+            }
+        ).encode()
+        out.append((str(uuid.uuid4()), body, False))
     return out
 
 
 class Client(threading.Thread):
     """One keep-alive connection sending its deliveries one after another: as fast as
     answers come (``interval`` 0, a closed loop), or one every ``interval`` seconds from
-    ``start`` (an open loop: the latency counts from when a delivery was due, so a slow
-    answer that delays the next send is not hidden)."""
+    the start (an open loop: the latency counts from when a delivery was due, so a slow
+    answer that delays the next send is not hidden). Each delivery is signed when it is
+    sent (an HMAC: microseconds), so a long run's timestamps stay inside the receiver's
+    5-minute window."""
 
     def __init__(  # noqa: PLR0917 - a client's share of the load
-        self, n: int, port: int, count: int, start: float, interval: float, secret: str
+        self, n: int, port: int, count: int, interval: float, secret: str, go: Any
     ) -> None:
         super().__init__(name=f"client-{n}")
-        self.n, self.port, self.start_at, self.interval = n, port, start, interval
-        self.requests = _deliveries(n, count, secret)
+        self.n, self.port, self.interval, self.secret, self.go = n, port, interval, secret, go
+        self.requests = _deliveries(n, count)
+        self.start_at = 0.0
         self.latencies: list[float] = []
         self.answers: dict[str, int] = {}
         self.failures = 0
@@ -133,11 +129,20 @@ class Client(threading.Thread):
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         # Spread the clients' first sends over one interval.
         offset = self.interval * (self.n * 0.618034 % 1)
-        for i, (_, headers, body) in enumerate(self.requests):
+        headers: dict[str, str] = {}
+        for i, (delivery_id, body, resend) in enumerate(self.requests):
             due = self.start_at + offset + i * self.interval
             delay = due - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+            if not resend:
+                stamp = str(int(time.time()))
+                headers = {
+                    "Content-Type": "application/json",
+                    "X-MLflow-Delivery-Id": delivery_id,
+                    "X-MLflow-Timestamp": stamp,
+                    "X-MLflow-Signature": sign(self.secret, delivery_id, stamp, body),
+                }
             started = due if self.interval else time.monotonic()
             try:
                 connection.request("POST", "/webhook/mlflow", body=body, headers=headers)
@@ -159,15 +164,22 @@ def _client_process(  # noqa: PLR0917 - a process's share of the load
     threads: int,
     port: int,
     count: int,
-    start: float,
     interval: float,
     secret: str,
+    ready: Any,
+    go: Any,
+    start: Any,
     out: Any,
 ) -> None:
-    """``threads`` clients in this process; their results go back through ``out``. (The
-    secret is passed: a spawned process draws its own module-level one.)"""
-    clients = [Client(first + n, port, count, start, interval, secret) for n in range(threads)]
+    """``threads`` clients in this process. Once their deliveries are built it says so on
+    ``ready``, waits for ``go`` and reads the common start time from ``start``; the
+    results go back through ``out``. (The secret is passed: a spawned process draws its
+    own module-level one.)"""
+    clients = [Client(first + n, port, count, interval, secret, go) for n in range(threads)]
+    ready.put(first)
+    go.wait()
     for client in clients:
+        client.start_at = start.value
         client.start()
     for client in clients:
         client.join()
@@ -184,9 +196,61 @@ def _client_process(  # noqa: PLR0917 - a process's share of the load
     )
 
 
+def _results(out: Any, workers: list[Any]) -> list[dict[str, Any]]:
+    """Every client's results; an error if a client process died before sending them."""
+    results: list[dict[str, Any]] = []
+    pending = len(workers)
+    while pending:
+        try:
+            results += out.get(timeout=5)
+            pending -= 1
+        except queue_module.Empty:
+            dead = [w for w in workers if w.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(
+                    f"a client process died (exit code {dead[0].exitcode})"
+                ) from None
+    return results
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _load(
+    port: int, deliveries: int, clients: int, processes: int, rate: float
+) -> tuple[list[Any], float, int]:
+    """Send every delivery; (each client's results, the start time, client processes)."""
+    # Clients in several processes: one interpreter's lock shared by 20 sending
+    # threads delayed their own timestamps by as much as the receiver took.
+    per_client = deliveries // clients
+    interval = clients / rate if rate else 0.0
+    context = multiprocessing.get_context("spawn")
+    ready, out, go = context.Queue(), context.Queue(), context.Event()
+    start_value = context.Value("d", 0.0)
+    shares = [clients // processes + (i < clients % processes) for i in range(processes)]
+    firsts = [sum(shares[:i]) for i in range(processes)]
+    workers = [
+        context.Process(
+            target=_client_process,
+            args=(first, share, port, per_client, interval, SECRET, ready, go, start_value),
+            kwargs={"out": out},
+        )
+        for first, share in zip(firsts, shares, strict=True)
+        if share
+    ]
+    for worker in workers:
+        worker.start()
+    for _ in workers:  # every client process has built its deliveries
+        ready.get(timeout=300)
+    start = time.monotonic() + 0.2
+    start_value.value = start
+    go.set()
+    threads = [SimpleNamespace(**r) for r in _results(out, workers)]
+    for worker in workers:
+        worker.join()
+    return threads, start, len(workers)
 
 
 def run(
@@ -204,28 +268,7 @@ def run(
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_ready(port, process)
-        # Clients in several processes: one interpreter's lock shared by 20 sending
-        # threads delayed their own timestamps by as much as the receiver took.
-        per_client = deliveries // clients
-        interval = clients / rate if rate else 0.0
-        start = time.monotonic() + 2.0 + clients * per_client / 20000  # after building
-        context = multiprocessing.get_context("spawn")
-        out = context.Queue()
-        shares = [clients // processes + (i < clients % processes) for i in range(processes)]
-        firsts = [sum(shares[:i]) for i in range(processes)]
-        workers = [
-            context.Process(
-                target=_client_process,
-                args=(first, share, port, per_client, start, interval, SECRET, out),
-            )
-            for first, share in zip(firsts, shares, strict=True)
-            if share
-        ]
-        for worker in workers:
-            worker.start()
-        threads = [SimpleNamespace(**r) for _ in workers for r in out.get(timeout=3600)]
-        for worker in workers:
-            worker.join()
+        threads, start, launched = _load(port, deliveries, clients, processes, rate)
         sending = time.monotonic() - start
         unique = sum(len(t.unique) for t in threads)
         reader = JobQueue(queue, owner=False)
@@ -255,7 +298,7 @@ def run(
     return {
         "deliveries": sum(len(t.latencies) + t.failures for t in threads),
         "clients": clients,
-        "client_processes": len(workers),
+        "client_processes": launched,
         "rate_per_s": rate or "as fast as answered (closed loop)",
         "unique_deliveries": unique,
         "answers": answers,
