@@ -5,10 +5,12 @@ a re-run that must be a no-op. test_release_rebuild.py rebuilds both digests."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +30,21 @@ pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 MODELS = {"pyfunc-code": "1", "sk-cloudpickle": "2"}
 
 
-@pytest.mark.usefixtures("registry_env")
+@pytest.fixture
+def live_alias_removed_after(mlflow_server: MlflowServer) -> Iterator[None]:
+    """The alias the release below moves is removed afterwards: other tests list these
+    models' aliases (test_inspect_registry.py expects sk-cloudpickle/2 to have none). The
+    version tags stay: test_release_rebuild.py reads them."""
+    yield
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    for name in MODELS:
+        with contextlib.suppress(Exception):
+            client.delete_registered_model_alias(name, "live")
+
+
+@pytest.mark.usefixtures("registry_env", "live_alias_removed_after")
 def test_release_two_models_then_already_released(
     base_image: str,
     local_registry: str,
@@ -122,6 +138,55 @@ def test_release_two_models_then_already_released(
         assert again["manifests_skipped"] == "already released: the first release wrote them"
     # Timings are printed (README's figures), never asserted: they depend on the machine.
     print(f"release of two: {first_seconds:.1f}s, already released: {again_seconds:.1f}s")
+
+
+@pytest.mark.usefixtures("registry_env")
+def test_release_with_the_docker_backend(  # noqa: PLR0917 - pytest fixtures
+    base_image: str,
+    local_registry: str,
+    pyfunc_code_image: str,
+    docker_client: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``--backend docker``: the engine builds (its cache holds the dependencies stage of
+    pyfunc-code's image, built by the Docker-backend fixture), tests, pushes, attests and
+    records, here on a copy of pyfunc-code/1 registered under another name; a re-run is
+    a no-op, and ``packager rebuild`` refuses the engine's image (not byte-reproducible)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    name = "pyfunc-code-engine"
+    version = str(client.copy_model_version("models:/pyfunc-code/1", name).version)
+    repository = f"{local_registry}/engine"
+    argv = ["release", f"models:/{name}/{version}", "-t", repository, "--backend", "docker"]
+    argv += ["--base-image", base_image, "--attestations-dir", str(tmp_path), "--json"]
+    try:
+        code = main(argv)
+        out = json.loads(capsys.readouterr().out)
+        assert code == 0, out
+        (report,) = out["releases"]
+        assert report["status"] == "released"
+        assert report["tested"] is True
+        assert report["tags"] == [f"{repository}:{name}-{version}"]
+        assert report["image"].startswith(f"{repository}@sha256:")
+        assert publish.manifest_exists(report["image"])
+        recorded = client.get_model_version(name, version).tags
+        assert recorded[record.IMAGE_TAG] == report["image"]
+        _check_attestations(report, tmp_path, docker_client)
+
+        assert main(argv) == 0
+        (again,) = json.loads(capsys.readouterr().out)["releases"]
+        assert again["status"] == "already released"
+        assert again["image"] == report["image"]
+
+        assert main(["rebuild", report["image"]]) == 26
+        assert "docker backend" in capsys.readouterr().err
+    finally:
+        client.delete_registered_model(name)
+        for tag in [t for i in docker_client.images.list() for t in i.tags]:
+            if tag.startswith(f"{repository}:"):
+                docker_client.images.remove(tag, force=True)
 
 
 @pytest.mark.usefixtures("registered_models")

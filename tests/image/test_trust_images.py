@@ -113,7 +113,7 @@ def test_a_hostile_model_through_both_backends_and_a_registry(  # noqa: PLR0917
         # The index credentials reach uv from the environment, as in a CI pipeline.
         "PIP_EXTRA_INDEX_URL": private_index.url_with_credentials,
     }
-    secrets = [private_index.password.encode(), HOST_MARKER]
+    secrets = [private_index.password.encode(), private_index.username.encode(), HOST_MARKER]
 
     # The link out of the model stops the build before anything is built, naming it.
     refused = _run("build", str(model), "-t", "packager-test/hostile:1", env=env)
