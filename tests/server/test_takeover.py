@@ -153,6 +153,11 @@ def test_a_prediction_holding_the_gil_gets_its_504_and_the_worker_is_replaced(
             stuck.sendall(_invocation({"hold_gil": True}, request_id="stuck-request-1"))
             sent = time.monotonic()
             wait_until(lambda: received_by_server(server.port, stuck), 10, "a worker reads it")
+            # Parsing and schema enforcement (Python, which lets other threads run) come
+            # before the GIL is held: a ping sent at once could still be answered by the
+            # worker's event loop (six 200s on a loaded machine). A second, half the
+            # timeout, puts the pings after that.
+            time.sleep(TIMEOUT / 2)
             # Meanwhile, a request on every other connection: those the stuck worker holds
             # cannot be read by it any more.
             for sock in others:
