@@ -273,6 +273,7 @@ def sk_builds(
     root = tmp_path_factory.mktemp("sk-builds")
     cache, out = root / "cache", root / "image"
     env = {**os.environ, "MLFLOW_TRACKING_URI": mlflow_server.uri, "PACKAGER_CACHE_DIR": str(cache)}
+    env.pop("MLFLOW_REGISTRY_URI", None)  # the test server is the registry, as registry_env says
 
     def build(model: str, *args: str) -> dict[str, Any]:
         argv = [PACKAGER, "build", model, "--backend", "oci", "--base-image", base_image]
