@@ -83,10 +83,24 @@ class ServerProcess:
         return self.process.wait(timeout=timeout)
 
     def stdout(self) -> str:
-        return (self.log_dir / "stdout.log").read_text()
+        return self._log("stdout.log")
 
     def stderr(self) -> str:
-        return (self.log_dir / "stderr.log").read_text()
+        return self._log("stderr.log")
+
+    def _log(self, name: str) -> str:
+        """The complete lines the server has written so far.
+
+        A read can land in the middle of a worker's write: the kernel copies a write into the
+        file page by page and grows the file after each page, so a line that crosses a page
+        boundary can be read half-written (CI once parsed such half of a JSON access-log
+        line). While the server runs, the text after the last newline is left for the next
+        read; once it has exited, everything is returned.
+        """
+        text = (self.log_dir / name).read_text()
+        if self.process.poll() is None:
+            text = text[: text.rfind("\n") + 1]
+        return text
 
 
 def received_by_server(port: int, client: socket.socket) -> bool:
