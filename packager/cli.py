@@ -1469,6 +1469,9 @@ def _webhook_serve(args: argparse.Namespace) -> int:
     source = _source(args)
     image = _image_options(args)
     release: worker.ReleaseFn
+    # Reconciliation compares a version's recorded lock and base with today's only where
+    # releases run here: a dispatching receiver locks and loads no base, its Jobs do.
+    recipe = None
     if args.dispatch is not None:
         if not args.dispatch_image:
             raise UsageError("--dispatch needs --dispatch-image, the image that runs packager")
@@ -1487,6 +1490,7 @@ def _webhook_serve(args: argparse.Namespace) -> int:
         )
     else:
         release = worker.release_function(source["options"], args.cache_dir, image=image)
+        recipe = worker.recipe_function(source["options"], args.cache_dir, image=image)
     options = service.ServeOptions(
         rules=rules.load_rules(args.rules),
         secret=signature.load_secret(env=args.secret_env, file=args.secret_file),
@@ -1506,7 +1510,13 @@ def _webhook_serve(args: argparse.Namespace) -> int:
     def started(port: int) -> None:
         log.info("receiving on %s://%s:%d/webhook/mlflow", scheme, args.host, port)
 
-    service.serve(options, release, lambda: MlflowRegistry(source["options"]), started=started)
+    service.serve(
+        options,
+        release,
+        lambda: MlflowRegistry(source["options"]),
+        started=started,
+        recipe=recipe,
+    )
     return 0
 
 

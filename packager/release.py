@@ -277,6 +277,24 @@ class _Recipe:
         }
 
 
+def current_recipe(
+    reference: str,
+    options: ReleaseOptions,
+    *,
+    registry: RegistryOptions | None = None,
+    cache: ModelCache | None = None,
+    cache_root: Path | None = None,
+) -> dict[str, str]:
+    """The recipe tags a release of ``reference`` with ``options`` would record now
+    (lock digest, base digest, packager version), without building anything: what the
+    webhook's reconciliation compares with a version's recorded tags. The model, the lock
+    and the base come from their caches once a release has filled them."""
+    ref = parse_reference(reference, cwd=Path.cwd())
+    sourced = fetch_model(ref, options=registry, cache=cache)
+    root = cache_root or default_cache_root()
+    return _recipe(reference, sourced, options, cache_root=root, progress=None).tags
+
+
 def _recipe(
     reference: str,
     sourced: SourcedModel,

@@ -21,7 +21,7 @@ from types import FrameType
 from packager.errors import PackagerError, UsageError
 from packager.webhook.queue import MIN_KEEP_SECONDS, JobQueue, RetryPolicy
 from packager.webhook.receiver import MAX_BODY, Receiver, Server
-from packager.webhook.reconcile import RegistryView, reconcile
+from packager.webhook.reconcile import RecipeFn, RegistryView, reconcile
 from packager.webhook.rules import Rules
 from packager.webhook.worker import ReleaseFn, WorkerPool, alias_check
 
@@ -83,8 +83,10 @@ class Reconciler:
         interval: float,
         *,
         keep_seconds: float = 30 * 86400.0,
+        recipe: RecipeFn | None = None,
     ) -> None:
         self.rules = rules
+        self.recipe = recipe
         self.registry = registry
         self.queue = queue
         self.wake = wake
@@ -107,7 +109,7 @@ class Reconciler:
     def run_once(self) -> tuple[int, ...]:
         self.prune()
         try:
-            ids = reconcile(self.rules, self.registry(), self.queue)
+            ids = reconcile(self.rules, self.registry(), self.queue, recipe=self.recipe)
         except PackagerError as err:
             log.warning("reconciliation failed (%s): %s", self._next_try, err)
             return ()
@@ -152,9 +154,11 @@ def serve(
     registry: Callable[[], RegistryView],
     *,
     started: Callable[[int], None] | None = None,
+    recipe: RecipeFn | None = None,
 ) -> None:
     """Run the receiver until SIGTERM or SIGINT. ``started`` is called with the bound
-    port once the receiver answers."""
+    port once the receiver answers; ``recipe`` lets reconciliation compare the lock and
+    base a release would use now (:func:`packager.webhook.worker.recipe_function`)."""
     options.check()
     queue = JobQueue(options.queue, retry=options.retry)
     try:
@@ -192,6 +196,7 @@ def serve(
             pool.wake,
             options.reconcile_interval,
             keep_seconds=options.keep_days * 86400,
+            recipe=recipe,
         )
         receiver.background.append(reconciler.alive)
         server.start()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -28,7 +28,7 @@ from packager.errors import (
 from packager.redact import scrub
 from packager.source import RegistryOptions
 from packager.webhook.queue import Job, JobQueue
-from packager.webhook.reconcile import RegistryView
+from packager.webhook.reconcile import RecipeFn, RegistryView
 from packager.webhook.rules import JobSpec
 
 log = logging.getLogger(__name__)
@@ -92,6 +92,29 @@ def release_function(
         return f"{report.status}: {report.image}"
 
     return run_release
+
+
+def recipe_function(
+    registry: RegistryOptions | None = None,
+    cache_root: Path | None = None,
+    *,
+    image: ImageOptions | None = None,
+) -> RecipeFn:
+    """What :func:`release_function`'s release of a job would record as its recipe now
+    (:func:`packager.release.current_recipe`, with the same options): reconciliation's
+    look at versions whose recorded image was made by this packager version."""
+
+    def recipe(spec: JobSpec) -> Mapping[str, str]:
+        from packager.release import ReleaseOptions, current_recipe  # noqa: PLC0415 — heavy
+
+        return current_recipe(
+            spec.model,
+            ReleaseOptions(tags=(spec.image,), image=image or ImageOptions()),
+            registry=registry,
+            cache_root=cache_root,
+        )
+
+    return recipe
 
 
 def alias_check(registry: Callable[[], RegistryView]) -> AliasCheck:

@@ -126,8 +126,9 @@ def wait_until(
 
 
 @pytest.mark.usefixtures("registered_models")
-def test_registry_events_release_once_through_a_crash_and_reconcile_what_was_missed(
+def test_registry_events_release_once_through_a_crash_and_reconcile_what_was_missed(  # noqa: PLR0917 — fixtures
     registry_env: MlflowServer,
+    base_image: str,
     workdir: Path,
     started: Callable[[int], Receiver],
     monkeypatch: pytest.MonkeyPatch,
@@ -211,6 +212,7 @@ def test_registry_events_release_once_through_a_crash_and_reconcile_what_was_mis
         recorded = client.get_model_version(MODEL, second).tags[record.IMAGE_TAG]
         assert recorded == reconciled.result.removeprefix("released: ")
         assert publish.manifest_exists(recorded)
+        _recipe_check_finds_a_changed_lock(client, workdir, base_image, second)
         assert main(["webhook", "jobs", "--queue", str(workdir / "queue.db")]) == 0
         print(capsys.readouterr().out)
         print(f"release seconds: {[j.seconds for j in jobs(workdir)]}")
@@ -228,3 +230,31 @@ def _new_version(client: Any) -> str:
 
 def _states(workdir: Path) -> list[str]:
     return [job.state for job in jobs(workdir)]
+
+
+def _recipe_check_finds_a_changed_lock(
+    client: Any, workdir: Path, base_image: str, second: str
+) -> None:
+    """Reconciliation's recipe comparison, with the receiver's options, against what the
+    releases above recorded: nothing to do (a comparison that found every version stale
+    would rebuild each one every round); then a recorded lock digest that is not today's
+    makes @champion's version stale, and only it."""
+    from packager.api import ImageOptions
+    from packager.webhook.reconcile import plan
+    from packager.webhook.registry import MlflowRegistry
+    from packager.webhook.rules import load_rules
+    from packager.webhook.worker import recipe_function
+
+    rules = load_rules(workdir / "rules.yaml")
+    recipe = recipe_function(image=ImageOptions(base_image=base_image))
+    assert plan(rules, MlflowRegistry(), recipe) == ()
+    recorded = client.get_model_version(MODEL, second).tags[record.LOCK_DIGEST_TAG]
+    client.set_model_version_tag(MODEL, second, record.LOCK_DIGEST_TAG, "sha256:" + "0" * 64)
+    try:
+        [found] = plan(rules, MlflowRegistry(), recipe)
+    finally:
+        client.set_model_version_tag(MODEL, second, record.LOCK_DIGEST_TAG, recorded)
+    assert found.job.model == f"models:/{MODEL}/{second}"
+    assert found.reason == (
+        f"was built from another recipe (packager.lock_digest sha256:{'0' * 64} -> {recorded})"
+    )

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from packager import __version__
-from packager.errors import RegistryUnreachableError
-from packager.record import IMAGE_TAG, LOCK_DIGEST_TAG, VERSION_TAG
+from packager.errors import LockError, RegistryUnreachableError
+from packager.record import BASE_DIGEST_TAG, IMAGE_TAG, LOCK_DIGEST_TAG, VERSION_TAG
 from packager.webhook.queue import JobQueue
 from packager.webhook.reconcile import RECENT, RECONCILE, VersionView, plan, reconcile
-from packager.webhook.rules import parse_rules, reference_part
+from packager.webhook.rules import JobSpec, parse_rules, reference_part
 from packager.webhook.service import Reconciler
 
 RULES = """\
@@ -93,12 +93,19 @@ def registry() -> FakeRegistry:
 
 
 def test_plan_queues_missing_and_stale_versions_the_rules_cover() -> None:
-    jobs = plan(parse_rules(RULES), registry())
+    found = plan(parse_rules(RULES), registry())
+    jobs = [f.job for f in found]
     assert [(j.model, j.image) for j in jobs] == [
         ("models:/fraud-a/2", "reg.example:5000/serving/fraud-a:2"),
         ("models:/fraud-b/4", "reg.example:5000/serving/fraud-b:4"),  # older packager
         ("models:/fraud-c/1", "reg.example:5000/serving/fraud-c:1"),  # other repository
         ("models:/other/1", "reg.example:5000/tagged/other:1"),
+    ]
+    assert [f.reason for f in found] == [
+        "has no recorded image (no event seen for it)",
+        f"was released by packager 0.0.1, this is {__version__}",
+        "was released to elsewhere.example/fraud-c, the rule says reg.example:5000/serving/fraud-c",
+        "has no recorded image (no event seen for it)",
     ]
     # churn's newest version (10, not "2" by string order) is released: nothing for it.
     assert all(j.event == RECONCILE for j in jobs)
@@ -107,8 +114,8 @@ def test_plan_queues_missing_and_stale_versions_the_rules_cover() -> None:
 
 def test_newest_version_is_queued_when_unreleased() -> None:
     fake = FakeRegistry(versions={"churn": {"9": {}, "10": {}}}, aliases={})
-    (job,) = plan(parse_rules(RULES), fake)
-    assert job.model == "models:/churn/10"
+    (found,) = plan(parse_rules(RULES), fake)
+    assert found.job.model == "models:/churn/10"
 
 
 def test_reconcile_queues_once_and_not_what_the_queue_holds(queue: JobQueue) -> None:
@@ -157,7 +164,8 @@ def test_reconciler_survives_an_unreachable_registry(
 
 def test_reconciled_images_use_a_reference_fit_name() -> None:
     registry = FakeRegistry({"Fraud Model": {"3": {"deploy": "true"}}}, {})
-    [job] = plan(parse_rules(RULES), registry)
+    [found] = plan(parse_rules(RULES), registry)
+    job = found.job
     # The same name as a delivery would give (the hash of "Fraud Model" keeps it apart
     # from a model named "fraud-model").
     assert (job.model, job.image) == (
@@ -185,3 +193,69 @@ def test_reconciler_survives_a_bug_and_readiness_sees_it_end(
         reconciler.stop()
     reconciler._thread.join(5)
     assert reconciler.alive()  # stopped as asked: not a death
+
+
+def recorded_recipe(lock: str = "b", base: str = "c") -> dict[str, str]:
+    """Recipe tags with the lock and base digests made of one repeated hex digit."""
+    return {
+        LOCK_DIGEST_TAG: "sha256:" + lock * 64,
+        BASE_DIGEST_TAG: "sha256:" + base * 64,
+        VERSION_TAG: __version__,
+    }
+
+
+def test_a_changed_lock_or_base_makes_a_released_version_stale(
+    queue: JobQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    rules = parse_rules(RULES)
+    current = {**released("reg.example:5000/serving/fraud-a"), **recorded_recipe()}
+    fake = FakeRegistry(
+        versions={"fraud-a": {"1": current, "2": current, "3": current}},
+        aliases={"fraud-a": {"champion": "1", "challenger": "2"}},
+    )
+    asked: list[str] = []
+
+    def recipe(job: JobSpec) -> Mapping[str, str]:
+        asked.append(job.model)
+        if job.version == "2":
+            return recorded_recipe(lock="d")
+        return recorded_recipe()
+
+    [found] = plan(rules, fake, recipe)
+    assert found.job.model == "models:/fraud-a/2"
+    assert found.reason == (
+        "was built from another recipe "
+        f"(packager.lock_digest sha256:{'b' * 64} -> sha256:{'d' * 64})"
+    )
+    assert asked == ["models:/fraud-a/1", "models:/fraud-a/2"]  # only what rules cover
+    # Without the recipe, the tags alone say both are current.
+    assert plan(rules, fake) == ()
+    # A base rebuilt since: stale too, and reconcile logs why.
+    asked.clear()
+
+    def rebased(job: JobSpec) -> Mapping[str, str]:
+        return recorded_recipe(base="e")
+
+    with caplog.at_level(logging.WARNING):
+        assert len(reconcile(rules, fake, queue, recipe=rebased)) == 2
+    assert "packager.base_digest sha256:" + "c" * 64 in caplog.text
+    # Held by the queue: not queued again, and not even looked at (no lock, no base).
+    assert reconcile(rules, fake, queue, recipe=recipe) == ()
+    assert asked == []
+
+
+def test_a_recipe_that_cannot_be_computed_now_queues_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    current = {**released("reg.example:5000/serving/fraud-a"), **recorded_recipe()}
+    fake = FakeRegistry(
+        versions={"fraud-a": {"1": current}}, aliases={"fraud-a": {"champion": "1"}}
+    )
+
+    def offline(job: JobSpec) -> Mapping[str, str]:
+        raise LockError("https://pypi.org/simple is not reachable")
+
+    with caplog.at_level(logging.WARNING):
+        assert plan(parse_rules(RULES), fake, offline) == ()
+    assert "cannot tell whether models:/fraud-a/1's image is current" in caplog.text
+    assert "pypi.org/simple is not reachable" in caplog.text

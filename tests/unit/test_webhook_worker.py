@@ -161,6 +161,6 @@ def test_a_rolled_back_trigger_alias_is_followed(tmp_path: Path) -> None:
 def test_reconciled_jobs_carry_their_trigger(tmp_path: Path) -> None:
     rules = parse_rules(ALIAS_RULES)
     registry = Registry({"fraud": ["3"], "churn": ["2"]}, {"fraud": {"champion": "3"}})
-    jobs = {job.name: job for job in plan(rules, registry)}
+    jobs = {found.job.name: found.job for found in plan(rules, registry)}
     assert (jobs["fraud"].trigger_alias, jobs["fraud"].newest_only) == ("champion", False)
     assert (jobs["churn"].trigger_alias, jobs["churn"].newest_only) == (None, True)
