@@ -97,6 +97,7 @@ def write_docker_archive(
     diff ids and reads the file only when the layer is missing. Such a tar is for that
     engine only: it is not a complete OCI layout.
     """
+    destination.parent.mkdir(parents=True, exist_ok=True)  # as write_layout's -o does
     tmp = destination.with_name(f".{destination.name}.tmp-{os.getpid()}")
     manifest = [
         {
