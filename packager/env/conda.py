@@ -22,7 +22,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import rattler
@@ -82,24 +84,25 @@ def solve_conda(
         raise UsageError(
             f"conda.yaml: {scrub(str(err))}", hint="fix the spec in conda.yaml"
         ) from err
-    gateway = rattler.Gateway(cache_dir=cache_root / "conda" / "repodata")
     secrets = channel_secrets(sources)
-    _check_platforms(gateway, sources, subdir, parsed, secrets)
-    try:
-        records = asyncio.run(
-            rattler.solve(
-                sources=list(sources),
-                specs=parsed,
-                gateway=gateway,
-                platforms=[rattler.Subdir(subdir), rattler.Subdir("noarch")],
-                virtual_packages=_virtual_packages(),
-                channel_relations="disabled",
+    with _repodata_cache(cache_root, secrets) as cache_dir:
+        gateway = rattler.Gateway(cache_dir=cache_dir)
+        _check_platforms(gateway, sources, subdir, parsed, secrets)
+        try:
+            records = asyncio.run(
+                rattler.solve(
+                    sources=list(sources),
+                    specs=parsed,
+                    gateway=gateway,
+                    platforms=[rattler.Subdir(subdir), rattler.Subdir("noarch")],
+                    virtual_packages=_virtual_packages(),
+                    channel_relations="disabled",
+                )
             )
-        )
-    except GatewayError as err:
-        raise _channel_error(err, sources, secrets) from err
-    except SolverError as err:
-        raise _conflict(err, specs, parsed, subdir, secrets) from err
+        except GatewayError as err:
+            raise _channel_error(err, sources, secrets) from err
+        except SolverError as err:
+            raise _conflict(err, specs, parsed, subdir, secrets) from err
     packages = tuple(sorted((_package(r) for r in records), key=lambda p: p.name))
     log.info("solved %d conda packages for %s", len(packages), subdir)
     return CondaLock(
@@ -108,6 +111,19 @@ def solve_conda(
         specs=specs,
         packages=packages,
     )
+
+
+@contextmanager
+def _repodata_cache(cache_root: Path, secrets: Sequence[str]) -> Iterator[Path]:
+    """Where rattler caches repodata: packager's cache, except for a channel given with
+    credentials, whose URL (user info and all) rattler writes into its cache entries and
+    their names: that repodata is cached for this solve only, in a private temporary
+    directory, so no password lands in a cache that may be shared or uploaded."""
+    if not secrets:
+        yield cache_root / "conda" / "repodata"
+        return
+    with tempfile.TemporaryDirectory(prefix="packager-repodata-") as tmp:
+        yield Path(tmp)
 
 
 def channel_secrets(sources: Sequence[str]) -> list[str]:
