@@ -23,8 +23,8 @@ from packager.env.inputs import IndexOptions, LockInputs, build_inputs
 from packager.env.resolve import LockResult, lock, make_resolver
 from packager.env.target import Target
 from packager.env.wheelhouse import Wheelhouse, build_wheelhouse
-from packager.errors import ImageBuildError, UnsupportedRequirementError, UsageError
-from packager.image import assemble, bases, blobs, engine, export
+from packager.errors import ImageBuildError, UsageError
+from packager.image import assemble, bases, blobs, condalayer, engine, export
 from packager.image.base import validate_reference
 from packager.image.registry import PushedBlobs, push_image
 from packager.progress import Progress
@@ -273,19 +273,17 @@ def lock_model(
     )
 
 
-def _refuse_conda_image(report: LockReport) -> None:
-    """Until images install conda packages (issue 15's image half), a model that has them
-    is locked but not built: an image without them would fail where the model needs them."""
+def _conda_part(report: LockReport, cache_root: Path | None) -> condalayer.CondaPart | None:
+    """The lock's conda packages as the /opt/conda layer (both backends), if it has any."""
     conda = report.result.lock.conda
-    if conda is not None:
-        raise UnsupportedRequirementError(
-            f"the model's conda.yaml needs {len(conda.packages)} conda packages (locked: "
-            + ", ".join(p.name for p in conda.packages[:5])
-            + "), and images with conda packages cannot be built yet",
-            hint="pass --ignore-conda to build from the pip requirements alone (installing "
-            "what the conda packages provided as --system-package), or log the model with "
-            "pip-only requirements",
-        )
+    if conda is None:
+        return None
+    if report.conda_packages is None:  # pragma: no cover - download=True always fetches them
+        raise UsageError("internal: the conda packages were not fetched")
+    store = blobs.BlobStore((cache_root or default_cache_root()) / "oci")
+    return condalayer.conda_part(
+        conda, report.conda_packages.files, store, epoch=assemble.FILE_EPOCH
+    )
 
 
 def _warnings(spec: ModelSpec) -> tuple[str, ...]:
@@ -404,7 +402,6 @@ def generate_context(
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
-    _refuse_conda_image(report)
     base_image = image.base_for(report.spec)
     plan = plan_context(
         report.spec,
@@ -416,6 +413,7 @@ def generate_context(
         system_packages=image.system_packages,
         bytecode=image.bytecode,
         keep_tests=image.keep_tests,
+        conda=_conda_part(report, cache_root),
     )
     write_context(plan, directory)
     return GeneratedContext(directory=directory, plan=plan, lock=report)
@@ -632,7 +630,6 @@ def build_oci_image(
     )
     if report.wheelhouse is None:  # pragma: no cover - download=True always fills it
         raise UsageError("internal: no wheelhouse")
-    _refuse_conda_image(report)
     lock_ = report.result.lock
     plan = plan_context(
         report.spec,
@@ -645,6 +642,7 @@ def build_oci_image(
         bytecode=image.bytecode,
         keep_tests=image.keep_tests,
         dockerfile=False,
+        conda=_conda_part(report, cache_root),
     )
     epoch = epoch_for(report.provenance, report.spec)
     built = assemble.assemble(

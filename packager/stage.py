@@ -9,6 +9,8 @@ with no network (docker, buildx, kaniko, buildah)::
     wheelhouse.txt          every wheel's sha256, name, version (wheelinstall's manifest)
     wheels/                 the wheelhouse: every locked wheel, nothing else
     tools/                  wheelinstall.py and pypa's installer, to install the wheels
+    conda/opt-conda.tar     the model's conda packages as installed at /opt/conda (only
+                            with a conda part: packager.image.condalayer's layer, ADDed)
     server/packager_server  the scoring server
     model-code/             the model's code/ (its own layer)
     model-artifacts/        PythonModel artifacts (their own layer)
@@ -28,6 +30,7 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
@@ -43,6 +46,9 @@ from packager.render import render, value_problem
 from packager.source import MAX_NAME_LENGTH, Provenance
 from packager.spec import ModelSpec
 from packager.spec.environment import ENV_FILE_NAMES
+
+if TYPE_CHECKING:
+    from packager.image.condalayer import CondaPart
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +66,8 @@ MAX_LABEL_LENGTH = 2048
 ENTRYPOINT = ("python", "-m", "packager_server")
 # The port as the server picks it (PORT, AIP_HTTP_PORT, ... before PACKAGER_PORT).
 HEALTHCHECK = ("python", "-m", "packager_server.health")
+# Where a build context carries the conda layer (packager.image.condalayer), ADDed at /.
+CONDA_CONTEXT_FILE = "conda/opt-conda.tar"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,6 +96,12 @@ class BuildPlan:
     dockerfile: str
     bytecode: bool = True  # /opt/venv ships pycs written by the base's interpreter
     keep_tests: bool = False  # else the packages' tests directories are removed
+    conda: CondaPart | None = None  # the conda packages' layer at /opt/conda
+
+    @property
+    def venv_python(self) -> str | None:
+        """The venv's interpreter when it is not the base's (a conda environment's)."""
+        return None if self.conda is None else self.conda.interpreter
 
 
 def plan_context(
@@ -102,11 +116,20 @@ def plan_context(
     dockerfile: bool = True,
     bytecode: bool = True,
     keep_tests: bool = False,
+    conda: CondaPart | None = None,
 ) -> BuildPlan:
     """The context for ``spec``; ``base_digest`` pins the base in the image's labels.
 
     ``dockerfile=False`` skips rendering the Dockerfile (the OCI backend has no use for it).
+    ``conda``: the lock's conda packages, installed for /opt/conda (both backends ship
+    its layer as it is).
     """
+    if conda is not None and conda.python not in (None, lock.target.python):
+        raise ModelFormatError(
+            f"the conda environment provides Python {conda.python}, but the lock's pip part "
+            f"is for Python {lock.target.python}",
+            hint="lock again without --python: the conda environment's Python decides it",
+        )
     files: list[ContextFile] = [
         ContextFile(destination="requirements.lock", content=lock.render().encode()),
         ContextFile(destination="wheelhouse.txt", content=wheelhouse_manifest(wheelhouse)),
@@ -114,6 +137,8 @@ def plan_context(
         *_tool_files(),
         *_server_files(),
     ]
+    if conda is not None:
+        files.append(ContextFile(destination=CONDA_CONTEXT_FILE, source=conda.layer.path))
     code_prefix = f"{spec.pyfunc.code}/" if spec.pyfunc.code else None
     artifact_prefixes = tuple(f"{a.path.rstrip('/')}" for a in spec.artifacts)
     scrubbed = spec.requirement_files | ENV_FILE_NAMES.keys()
@@ -166,8 +191,19 @@ def plan_context(
     if base_digest is None and "@sha256:" in base_image:
         base_digest = base_image.rsplit("@", 1)[1]
     labels = (*_labels(spec, provenance, lock), *_base_labels(base_image, base_digest))
+    system_path = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    # A conda prefix comes after the venv, as in an activated environment with a venv
+    # on top; its libraries are found by the dynamic loader (tools, ctypes loads).
+    conda_env = (
+        (
+            ("PATH", f"{VENV}/bin:{conda.prefix}/bin:{system_path}"),
+            ("LD_LIBRARY_PATH", f"{conda.prefix}/lib"),
+        )
+        if conda is not None
+        else (("PATH", f"{VENV}/bin:{system_path}"),)
+    )
     environment = (
-        ("PATH", f"{VENV}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
+        *conda_env,
         ("PYTHONPATH", SERVER_DIR),
         ("PYTHONDONTWRITEBYTECODE", "1"),
         ("PACKAGER_MODEL_DIR", MODEL_DIR),
@@ -185,6 +221,7 @@ def plan_context(
         dockerfile="",
         bytecode=bytecode,
         keep_tests=keep_tests,
+        conda=conda,
     )
     return replace(plan, dockerfile=render_dockerfile(plan)) if dockerfile else plan
 
@@ -203,6 +240,7 @@ def render_dockerfile(plan: BuildPlan) -> str:
         user_id=USER_ID,
         entrypoint=json.dumps(list(ENTRYPOINT)),
         healthcheck=json.dumps(list(HEALTHCHECK)),
+        conda_file=CONDA_CONTEXT_FILE,
     )
 
 

@@ -5,6 +5,8 @@ Dockerfile from, the lock and wheelhouse, a base image, and an epoch taken from 
 inputs (the model version's creation time). Output is an OCI image: the base image's
 layers reused by digest, then deterministic layers (see :mod:`packager.image.layers`)::
 
+    /opt/conda             the lock's conda packages, when it has any (one layer, made by
+                           packager.image.condalayer, the same blob the Docker backend ADDs)
     /opt/venv              the locked wheels, installed by wheelinstall (as the Docker
                            backend's build does, so the trees are the same)
     /opt/packager/server   the scoring server
@@ -109,7 +111,8 @@ def assemble(inputs: Inputs, base: Base, store: BlobStore) -> OciImage:
         )
     interpreter = base_python(base, inputs.python)
     maker = _LayerMaker(store, FILE_EPOCH)
-    layers = [_dependency_layer(inputs, base, interpreter, maker, store)]
+    layers = [] if inputs.plan.conda is None else [inputs.plan.conda.layer]
+    layers.append(_dependency_layer(inputs, base, interpreter, maker, store))
     for kind, comment, entries in _plan_groups(inputs.plan):
         # "private" only when set, so every other layer keeps the key it had.
         material = [
@@ -189,6 +192,9 @@ def _dependency_layer(
         [layer.diff_id for layer in base.layers] if inputs.plan.bytecode else "no bytecode",
         "tests kept" if inputs.plan.keep_tests else "tests pruned",
     ]
+    venv_python = inputs.plan.venv_python
+    if venv_python is not None:  # appended: a venv on the base's Python keeps its key
+        material.append(["venv on", venv_python, "system site-packages"])
     comment = f"{VENV}: the locked wheelhouse"
     cached = maker.cached("dependencies", material)
     if cached is not None:
@@ -212,8 +218,9 @@ def _dependency_layer(
                 lock=staging / "requirements.lock",
                 venv=VENV,
                 python=inputs.python,
-                base_python=interpreter,
+                base_python=venv_python or interpreter,
                 root=root,
+                system_site_packages=venv_python is not None,
             )
         except wheelinstall.InstallError as err:
             raise ImageBuildError(f"installing the wheelhouse failed: {err}") from err

@@ -114,14 +114,19 @@ def check_wheelhouse(wheels: Path, manifest: Path, lock: Path) -> list[Path]:
     return [wheels / filename for filename in sorted(listed)]
 
 
-def write_skeleton(venv_root: Path, python: str, base_python: str) -> None:
-    """pyvenv.cfg, bin/python links and an empty site-packages, like ``python -m venv``."""
+def write_skeleton(
+    venv_root: Path, python: str, base_python: str, *, system_site_packages: bool = False
+) -> None:
+    """pyvenv.cfg, bin/python links and an empty site-packages, like ``python -m venv``.
+    ``system_site_packages``: the base interpreter's own site-packages stay visible, after
+    the venv's (a conda environment's Python, whose conda packages live there)."""
     site = site_packages(venv_root, python)
     site.mkdir(parents=True, exist_ok=True)
     (venv_root / "bin").mkdir(exist_ok=True)
     home = str(Path(base_python).parent)
+    system = "true" if system_site_packages else "false"
     (venv_root / "pyvenv.cfg").write_text(
-        f"home = {home}\ninclude-system-site-packages = false\nversion = {python}\n"
+        f"home = {home}\ninclude-system-site-packages = {system}\nversion = {python}\n"
         f"executable = {base_python}\n"
     )
     for name, target in (
@@ -144,6 +149,7 @@ def install(
     python: str,
     base_python: str,
     root: Path,
+    system_site_packages: bool = False,
 ) -> int:
     """Install into ``root`` + ``venv`` (``root`` is ``/`` inside an image build)."""
     from installer import install as install_wheel  # noqa: PLC0415 - shipped beside this file
@@ -152,7 +158,7 @@ def install(
 
     files = check_wheelhouse(wheels, manifest, lock)
     venv_root = root / venv.lstrip("/")
-    write_skeleton(venv_root, python, base_python)
+    write_skeleton(venv_root, python, base_python, system_site_packages=system_site_packages)
     site = site_packages(venv_root, python)
     schemes = {
         "purelib": str(site),
@@ -303,7 +309,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--base-python",
         default="auto",
-        help="the base image's interpreter (auto: pythonX.Y on PATH)",
+        help="the venv's interpreter (auto: pythonX.Y on PATH, which also writes bytecode)",
+    )
+    parser.add_argument(
+        "--system-site-packages",
+        action="store_true",
+        help="keep the interpreter's own site-packages visible (a conda environment's)",
     )
     parser.add_argument("--root", type=Path, default=Path("/"))
     parser.add_argument(
@@ -331,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             python=args.python,
             base_python=base_python,
             root=args.root,
+            system_site_packages=args.system_site_packages,
         )
     except InstallError as err:
         sys.stderr.write(f"wheelinstall: {err}\n")

@@ -332,3 +332,51 @@ def test_the_locked_packages_install_for_their_final_prefix(tmp_path: Path, chan
     # A staging directory is never reused.
     with pytest.raises(LockError, match="exists already"):
         install_prefix(locked, files, staging, work=tmp_path / "rattler-work")
+
+
+def test_the_conda_layer_is_the_same_blob_from_any_cache_and_needs_a_real_python(
+    tmp_path: Path, channel: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """packager.image.condalayer: the installed prefix as one deterministic layer, the
+    same bytes from two empty caches, reused without installing once it is stored; a
+    ``python`` package that is no interpreter is refused before an image uses it."""
+    import tarfile
+
+    from packager.env import condaprefix
+    from packager.errors import ImageBuildError
+    from packager.image.blobs import BlobStore
+    from packager.image.condalayer import conda_part
+
+    def layer_in(cache: Path, python: str | None, packages: tuple[str, ...]) -> Any:
+        solved = solve_conda(
+            CondaEnv(channels=(), python=python, conda_packages=packages, pip=()),
+            "linux/amd64",
+            channels=(channel.as_uri(),),
+            cache_root=cache,
+        )
+        files = fetch_conda_packages(solved, cache_root=cache).files
+        return conda_part(solved, files, BlobStore(cache / "oci"), epoch=1)
+
+    first = layer_in(tmp_path / "a", None, ("acme-tool",))
+    second = layer_in(tmp_path / "b", None, ("acme-tool",))
+    assert first.layer.digest == second.layer.digest
+    assert first.python is None
+    assert first.interpreter is None
+    assert first.packages == ("acme-tool=2.0=0", "libacme=1.0=0")
+    with tarfile.open(first.layer.path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    tool = members["opt/conda/bin/acme-tool"]
+    assert (tool.uid, tool.gid, tool.mtime, tool.mode) == (0, 0, 1, 0o755)
+    assert "opt/conda/lib/libacme.so" in members
+
+    def no_install(*args: object, **kwargs: object) -> None:
+        raise AssertionError("installed again")
+
+    monkeypatch.setattr(condaprefix, "install_prefix", no_install)
+    assert layer_in(tmp_path / "a", None, ("acme-tool",)).layer == first.layer
+    monkeypatch.undo()
+
+    # The channel's python 3.12.4 is a marker file, not an interpreter.
+    with pytest.raises(ImageBuildError, match=r"installs no bin/python3\.12"):
+        layer_in(tmp_path / "c", "3.12", ("acme-tool",))
+    assert not list((tmp_path / "c" / "oci" / "keys").glob("*.json"))  # nothing stored

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
-from typing import cast
 
 import pytest
 
@@ -13,7 +11,7 @@ from packager.env.conda import channel_secrets, check_conda_lock, conda_specs
 from packager.env.condalock import CondaLock, CondaPackage, normalize_depends, parse_conda_lock
 from packager.env.lock import Lock, LockedPackage, parse_lock
 from packager.env.target import Target
-from packager.errors import LockError, UnsupportedRequirementError
+from packager.errors import LockError
 from packager.spec.environment import CondaEnv
 
 CHANNEL = "https://conda.example.com/acme"
@@ -160,16 +158,3 @@ def test_conda_part_for_two_platforms_is_refused() -> None:
     assert "osx-64" in text
     with pytest.raises(LockError, match="locks 2 platforms"):
         parse_conda_lock(text)
-
-
-def test_images_refuse_a_lock_with_a_conda_part_until_they_install_it() -> None:
-    from packager import api
-
-    def report(lock: Lock) -> api.LockReport:
-        return cast(api.LockReport, SimpleNamespace(result=SimpleNamespace(lock=lock)))
-
-    with pytest.raises(UnsupportedRequirementError) as refused:
-        api._refuse_conda_image(report(replace(PIP, conda=CONDA)))
-    assert "needs 3 conda packages (locked: acme-tool, libacme, python)" in str(refused.value)
-    assert "--ignore-conda" in str(refused.value)
-    api._refuse_conda_image(report(PIP))
