@@ -26,6 +26,7 @@ from cyclonedx.output.json import JsonV1Dot6
 from packageurl import PackageURL
 
 from packager import __version__
+from packager.env.condalock import CondaPackage
 from packager.env.wheelhouse import WheelFile
 from packager.source import Provenance
 from packager.stage import LOCK_DIGEST_LABEL
@@ -85,6 +86,7 @@ class ImageFacts:
     base_digest: str
     wheels: tuple[WheelFile, ...]
     debian: tuple[DebianPackage, ...]
+    conda: tuple[CondaPackage, ...] = ()  # /opt/conda's packages, from the lock
     # The lock itself travels in the provenance (its digest alone would not let anyone
     # rebuild: a new resolution may pick newer releases), and the build options with it.
     lock_text: str = ""
@@ -132,6 +134,7 @@ def sbom(facts: ImageFacts) -> bytes:
         ),
         *(_wheel(w) for w in facts.wheels),
         *(_debian(p) for p in facts.debian),
+        *(_conda(p) for p in facts.conda),
     ]
     bom = Bom(
         serial_number=uuid.uuid5(_SERIAL_NAMESPACE, facts.digest),
@@ -236,6 +239,33 @@ def _debian(package: DebianPackage) -> Component:
         version=package.version,
         bom_ref=f"deb:{package.name}:{package.architecture}",
         purl=purl,
+    )
+
+
+def _conda(package: CondaPackage) -> Component:
+    """purl's conda type: the build, the channel (the lock's URL, without credentials),
+    the subdir and the archive type as qualifiers."""
+    file_name = package.file_name
+    kind = "conda" if file_name.endswith(".conda") else "tar.bz2"
+    purl = PackageURL(
+        type="conda",
+        name=package.name,
+        version=package.version,
+        qualifiers={
+            "build": package.build,
+            "channel": package.url.rsplit("/", 2)[0],
+            "subdir": package.subdir,
+            "type": kind,
+        },
+    )
+    return Component(
+        type=ComponentType.LIBRARY,
+        name=package.name,
+        version=package.version,
+        bom_ref=f"conda:{package.name}",
+        purl=purl,
+        hashes=[_sha256(package.sha256), HashType(alg=HashAlgorithm.MD5, content=package.md5)],
+        properties=[Property(name="packager:conda-package", value=file_name)],
     )
 
 

@@ -354,6 +354,7 @@ def _attest(
         base_digest=inputs.base.digest,
         wheels=tuple(sorted(wheelhouse.files, key=lambda w: w.name)),
         debian=attest.dpkg_packages(status.read_text()) if status.is_file() else (),
+        conda=lock.conda.packages if lock.conda is not None else (),
         lock_text=lock.render(),
         options=attest.BuildOptions(
             bytecode=image.bytecode,

@@ -104,6 +104,39 @@ def test_sbom_is_valid_cyclonedx_and_lists_everything() -> None:
     ]
 
 
+def test_the_sbom_lists_the_conda_packages_with_their_channel_and_hashes() -> None:
+    from dataclasses import replace
+
+    from tests.unit.test_conda import CONDA
+
+    document = attest.sbom(replace(facts(), conda=CONDA.packages))
+    error = JsonStrictValidator(SchemaVersion.V1_6).validate_str(document.decode())
+    assert error is None, error
+    by_ref = {c["bom-ref"]: c for c in json.loads(document)["components"]}
+    tool = by_ref["conda:acme-tool"]
+    package = CONDA.get("acme-tool")
+    assert package is not None
+    channel = package.url.rsplit("/", 2)[0]
+    assert tool["purl"] == (
+        f"pkg:conda/acme-tool@2.0?build={package.build}"
+        f"&channel={channel}&subdir=linux-64&type=conda"
+    )
+    assert {(h["alg"], h["content"]) for h in tool["hashes"]} == {
+        ("SHA-256", package.sha256),
+        ("MD5", package.md5),
+    }
+    assert {c for c in by_ref if c.startswith("conda:")} == {
+        "conda:acme-tool",
+        "conda:libacme",
+        "conda:python",
+    }
+    # installed_names reads the venv's packages (what rebuild compares): conda's stay out.
+    assert sorted(attest.installed_names(document)) == [
+        ("numpy", "2.1.3"),
+        ("scikit-learn", "1.5.2"),
+    ]
+
+
 def test_attestations_are_the_same_bytes_for_the_same_image() -> None:
     assert attest.sbom(facts()) == attest.sbom(facts())
     assert attest.provenance_statement(facts()) == attest.provenance_statement(facts())
