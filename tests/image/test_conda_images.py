@@ -3,14 +3,15 @@
 The packages come from real conda channels built in the fixtures (tests/fixtures/conda):
 the acme channel (a C library, a tool whose binary embeds its install prefix, a noarch
 Python package) and a channel whose ``python`` package is the base image's own
-interpreter, repackaged. The models are saved by MLflow with those conda environments;
+interpreter, repackaged. The models are saved (or logged) by MLflow with those conda environments;
 their predict calls the tool (PATH), loads the library with ctypes (LD_LIBRARY_PATH),
 imports the noarch package (the conda environment's site-packages) and reports the
 interpreter it runs on.
 
-* Python from conda: the OCI build reproduces its digest from empty caches, passes
-  ``packager test``, and runs the model on ``/opt/conda/bin/python3.11``; the Docker
-  backend's image of it has the same files and configuration and passes ``packager test``.
+* Python from conda, logged to the tests' MLflow server: the OCI build reproduces its
+  digest from empty caches, passes ``packager test``, and runs the model on
+  ``/opt/conda/bin/python3.11``; the Docker backend's image of it has the same files and
+  configuration and passes ``packager test``.
 * No python in conda.yaml, the channel behind basic auth: the base's Python stays, the
   prefix provides the library and the tool, and the channel's password is nowhere in the
   image, the cache or the output.
@@ -29,11 +30,17 @@ from typing import Any
 
 import pytest
 
-from tests.fixtures.conda.models import Channels, build_channels, save_conda_model
+from tests.conftest import MlflowServer
+from tests.fixtures.conda.models import (
+    Channels,
+    build_channels,
+    log_conda_model,
+    save_conda_model,
+)
 from tests.image.test_oci import _tree
 from tests.image.test_trust_images import _files_containing
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.mlflow_server, pytest.mark.slow]
 
 PACKAGER = str(Path(sys.executable).with_name("packager"))
 TIMEOUT = 1800
@@ -80,7 +87,7 @@ def predict_in(image: str) -> list[dict[str, Any]]:
     return rows
 
 
-def tested(image: str, model: Path) -> None:
+def check_with_packager_test(image: str, model: Path | str) -> None:
     check = subprocess.run(
         [PACKAGER, "test", image, "--model", str(model)],
         capture_output=True,
@@ -101,14 +108,24 @@ def images(docker_client: Any) -> Iterator[list[str]]:
             docker_client.images.remove(tag, force=True)
 
 
-def test_python_from_conda_on_both_backends(
-    channels: Channels, base_image: str, tmp_path: Path, images: list[str], docker_client: Any
+def test_python_from_conda_on_both_backends(  # noqa: PLR0917 - pytest fixtures
+    channels: Channels,
+    base_image: str,
+    registry_env: MlflowServer,
+    tmp_path: Path,
+    images: list[str],
+    docker_client: Any,
+    request: pytest.FixtureRequest,
 ) -> None:
-    model = save_conda_model(
-        tmp_path / "model",
-        [f"python={channels.python_version}", "acme-tool", "acme-py"],
+    """Logged to the tests' MLflow server and built from its registry."""
+    from mlflow.tracking import MlflowClient
+
+    model = log_conda_model(
+        "acme-conda", [f"python={channels.python_version}", "acme-tool", "acme-py"], tmp_path
     )
-    common = [str(model), "--base-image", base_image, "--mlflow-skinny", *channels.flags]
+    client = MlflowClient(tracking_uri=registry_env.uri)
+    request.addfinalizer(lambda: client.delete_registered_model("acme-conda"))
+    common = [model, "--base-image", base_image, "--mlflow-skinny", *channels.flags]
     oci_tag, docker_tag = "packager-test/conda-python:1", "packager-test/conda-python-docker:1"
     images += [oci_tag, docker_tag]
     # Two builds at once from empty caches (the conda packages fetched and installed by
@@ -117,7 +134,7 @@ def test_python_from_conda_on_both_backends(
     second = start("build", *common, "-o", str(tmp_path / "layout"), cache=tmp_path / "b")
     a, b = finish(first), finish(second)
     assert a["manifest_digest"] == b["manifest_digest"], (a, b)
-    tested(oci_tag, model)
+    check_with_packager_test(oci_tag, model)
     rows = predict_in(oci_tag)
     assert [r["scaled"] for r in rows] == [10, 17, 24]  # libacme, through LD_LIBRARY_PATH
     assert [r["featurized"] for r in rows] == [3.5, 6.5, 9.5]  # acme-py, noarch
@@ -130,7 +147,7 @@ def test_python_from_conda_on_both_backends(
 
     # The Docker backend: the same files (ADD of the same layer, the same venv) and config.
     finish(start("build", *common, "--backend", "docker", "-t", docker_tag, cache=tmp_path / "a"))
-    tested(docker_tag, model)
+    check_with_packager_test(docker_tag, model)
     oci_files, docker_files = _tree(oci_tag), _tree(docker_tag)
     assert any(path.startswith("/opt/conda/bin/") for path in oci_files)
     changed = sorted(
@@ -172,7 +189,7 @@ def test_conda_libraries_and_tools_on_the_bases_python_from_a_private_channel(
     assert secret not in (out + err).encode()
     assert _files_containing(archive.parent, [secret]) == []
     assert _files_containing(cache, [secret]) == []
-    tested(tag, model)
+    check_with_packager_test(tag, model)
     rows = predict_in(tag)
     assert [r["scaled"] for r in rows] == [10, 17, 24]
     assert {r["tool"] for r in rows} == {"/opt/conda 45"}
