@@ -44,6 +44,33 @@ def test_csv_chunks_keep_the_header_and_count_rows_across_quoted_line_breaks(
     assert chunks[1].records == (b"3,z\n", b"4,w\n")  # the last line gets its line break
 
 
+@pytest.mark.parametrize("block", [1, 7, 64, 1 << 20])
+def test_csv_records_are_the_same_whatever_blocks_the_file_is_read_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, block: int
+) -> None:
+    """Blocks without a quote are taken whole, the others line by line: a quoted field
+    that spans blocks, blank and whitespace-only lines, and a last line without its line
+    break come out the same for any block size."""
+    monkeypatch.setattr(batch_input, "_READ_BLOCK", block)
+    plain = "".join(f"{i},{i * 2}\n" for i in range(40))
+    text = f'a,b\n{plain}1,"x\n\n{plain}y"\n\n   \n\t\r\n{plain}2,"q ""z"""\n{plain}3,end'
+    source = _write(tmp_path / "in.csv", text)
+    chunks = list(read_chunks(source, "csv", 25))
+    records = [r for c in chunks for r in c.records]
+    rows = [f"{i},{i * 2}\n".encode() for i in range(40)]
+    assert records == [
+        *rows,
+        b'1,"x\n\n' + b"".join(rows) + b'y"\n',
+        *rows,
+        b'2,"q ""z"""\n',
+        *rows,
+        b"3,end\n",
+    ]
+    assert [c.first_row for c in chunks] == list(range(1, len(records) + 1, 25))
+    assert all(c.rows == len(c.records) <= 25 for c in chunks)
+    assert {c.header for c in chunks} == {b"a,b\n"}
+
+
 def test_a_csv_file_ending_inside_quotes_is_an_error(tmp_path: Path) -> None:
     source = _write(tmp_path / "in.csv", 'a\n"open\n')
     with pytest.raises(BatchError, match="ends inside a quoted CSV field"):
