@@ -17,8 +17,9 @@ import json
 import logging
 import re
 import time
+import types
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import IO, Any
 
 from packager_server.fastpath import FastPath
 
@@ -48,10 +49,31 @@ def error_answer(status: int, code: str, message: str) -> Answer:
     return Answer(status=status, body=body)
 
 
+def _dump(obj: Any, fp: IO[str], **kwargs: Any) -> None:
+    """``json.dump``, written as one ``json.dumps``: the same text (``dump`` writes what
+    ``dumps`` returns, piece by piece), but through the C encoder, which CPython uses only
+    for one-shot ``dumps``; ``dump`` runs the pure-Python one."""
+    fp.write(json.dumps(obj, **kwargs))
+
+
+def answer_json_in_c() -> None:
+    """Give MLflow's scoring module a ``json`` whose ``dump`` is :func:`_dump`.
+
+    MLflow writes every answer with ``json.dump({"predictions": …}, stream,
+    cls=NumpyEncoder)``: 4.3 ms for 20,000 predictions where the same text from ``dumps``
+    takes 0.9 ms, a fifth of batch scoring's time per row. The rest of ``json`` is left as
+    it is; ``tests/server/test_scoring.py`` compares MLflow's answers with and without."""
+    from mlflow.pyfunc import scoring_server  # noqa: PLC0415
+
+    if isinstance(scoring_server.json, types.ModuleType):
+        scoring_server.json = types.SimpleNamespace(**{**vars(json), "dump": _dump})  # type: ignore[assignment]
+
+
 class Scorer:
     """Answers ``/invocations`` bodies for one loaded model."""
 
     def __init__(self, model: Any, *, fast_path: bool = True, debug: bool = False) -> None:
+        answer_json_in_c()
         self.model = model
         self.debug = debug
         self.input_schema = model.metadata.get_input_schema()
