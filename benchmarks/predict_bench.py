@@ -163,6 +163,12 @@ def report(r: dict[str, Any]) -> None:
         f"  rows/s after start-up : mlflow {mlflow_marginal:,.0f}, ours {ours_marginal:,.0f}: "
         f"{ours_marginal / mlflow_marginal:.1f}x"
     )
+    # However fast rows went through, ours could not finish before its fixed cost (the
+    # interpreter, `import mlflow` and loading the model: the floor every MLflow loader pays).
+    print(
+        f"  ceiling at this size  : {theirs['seconds'] / r['ours_fixed']['seconds']:.1f}x "
+        "(MLflow's wall / our start-up: the speed-up if our rows cost nothing)"
+    )
     print(f"  same predictions      : {r['same_predictions']}")
     print("peak memory (PSS of the process tree)")
     print(f"  mlflow, {rows:,} rows    : {theirs['peak_pss_mib']:7.0f} MiB")

@@ -298,13 +298,24 @@ def score_chunk(scorer: Scorer, chunk: Chunk) -> list[Any]:
 
 
 def _numbers(predictions: list[Any]) -> bool:
-    """Plain ints and finite floats: their JSON and CSV text is ``repr``'s."""
-    return all(type(p) is int or (type(p) is float and math.isfinite(p)) for p in predictions)
+    """Plain ints and finite floats: their JSON and CSV text is ``repr``'s. (``map``
+    keeps the loop in C: a million predictions cost the worker ~0.1 s in a generator.)"""
+    kinds = set(map(type, predictions))
+    if kinds <= {int}:
+        return True
+    if kinds == {float}:
+        return all(map(math.isfinite, predictions))
+    return kinds <= {int, float} and all(math.isfinite(p) for p in predictions if type(p) is float)
+
+
+def _lines(predictions: list[Any]) -> bytes:
+    """Numbers (see :func:`_numbers`) a line each."""
+    return ("\n".join(map(repr, predictions)) + "\n").encode() if predictions else b""
 
 
 def json_lines(predictions: list[Any]) -> bytes:
     if _numbers(predictions):
-        return "".join(f"{p!r}\n" for p in predictions).encode()
+        return _lines(predictions)
     return "".join(json.dumps(p) + "\n" for p in predictions).encode()
 
 
@@ -322,7 +333,7 @@ def csv_rows(predictions: list[Any]) -> tuple[bytes, bytes]:
     writer.writerow(columns)
     header = text.getvalue().encode()
     if not isinstance(first, (dict, list)) and _numbers(predictions):
-        return header, "".join(f"{p!r}\n" for p in predictions).encode()
+        return header, _lines(predictions)
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
     for value in predictions:
