@@ -65,8 +65,9 @@ def answer_json_in_c() -> None:
     it is; ``tests/server/test_scoring.py`` compares MLflow's answers with and without."""
     from mlflow.pyfunc import scoring_server  # noqa: PLC0415
 
-    if isinstance(scoring_server.json, types.ModuleType):
-        scoring_server.json = types.SimpleNamespace(**{**vars(json), "dump": _dump})  # type: ignore[assignment]
+    names = vars(scoring_server)  # its globals
+    if isinstance(names.get("json"), types.ModuleType):
+        names["json"] = types.SimpleNamespace(**{**vars(json), "dump": _dump})
 
 
 class Scorer:

@@ -38,20 +38,21 @@ def _answers(predictions: list[Any]) -> list[str]:
     out = []
     for raw in predictions:
         stream = io.StringIO()
-        scoring_server.predictions_to_json(raw, stream)
+        scoring_server.predictions_to_json(raw, stream)  # type: ignore[no-untyped-call]
         out.append(stream.getvalue())
     return out
 
 
 def test_answers_are_the_same_text_through_the_c_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(scoring_server, "json", json)
+    names = vars(scoring_server)  # the module's globals
+    monkeypatch.setitem(names, "json", json)
     before = _answers(PREDICTIONS)
     scoring.answer_json_in_c()
-    assert isinstance(scoring_server.json, types.SimpleNamespace)
-    assert scoring_server.json.dump is scoring._dump
+    assert isinstance(names["json"], types.SimpleNamespace)
+    assert names["json"].dump is scoring._dump
     assert _answers(PREDICTIONS) == before
     # the rest of json is json's own: MLflow's request parsing is untouched
-    assert scoring_server.json.loads is json.loads
-    assert scoring_server.json.decoder.JSONDecodeError is json.JSONDecodeError
+    assert names["json"].loads is json.loads
+    assert names["json"].decoder.JSONDecodeError is json.JSONDecodeError
     scoring.answer_json_in_c()  # a second scorer changes nothing
-    assert scoring_server.json.dump is scoring._dump
+    assert names["json"].dump is scoring._dump
