@@ -67,16 +67,20 @@ def _batched(
     kind: Kind, header: bytes, blocks: Iterator[list[bytes]], size: int
 ) -> Iterator[Chunk]:
     """Chunks of ``size`` records from lists of records (a block of the file each)."""
-    batch: list[bytes] = []
+    pending: list[bytes] = []
     first = 1
     for records in blocks:
-        batch += records
-        while len(batch) >= size:
-            yield Chunk(kind, first, header, tuple(batch[:size]), size)
-            del batch[:size]
+        pending += records
+        start = 0
+        while len(pending) - start >= size:
+            yield Chunk(kind, first, header, tuple(pending[start : start + size]), size)
+            start += size
             first += size
-    if batch:
-        yield Chunk(kind, first, header, tuple(batch), len(batch))
+        if start:  # keep the rest, copied once (deleting each chunk's records in turn
+            # moved the block's remainder every time: quadratic for small chunks)
+            pending = pending[start:]
+    if pending:
+        yield Chunk(kind, first, header, tuple(pending), len(pending))
 
 
 def _line_blocks(f: IO[bytes]) -> Iterator[list[bytes]]:
@@ -106,7 +110,7 @@ def _csv_records(f: IO[bytes]) -> Iterator[list[bytes]]:
     opened = 0  # the line the pending record starts on
     number = 0  # the last line read
     for lines in _line_blocks(f):
-        if not parts and b'"' not in b"".join(lines):
+        if not parts and b'"' not in (lines[0] if len(lines) == 1 else b"".join(lines)):
             number += len(lines)
             yield _non_blank(lines)
             continue

@@ -62,7 +62,7 @@ def answer_json_in_c() -> None:
     MLflow writes every answer with ``json.dump({"predictions": …}, stream,
     cls=NumpyEncoder)``: 4.3 ms for 20,000 predictions where the same text from ``dumps``
     takes 0.9 ms, a fifth of batch scoring's time per row. The rest of ``json`` is left as
-    it is; ``tests/server/test_scoring.py`` compares MLflow's answers with and without."""
+    it is; ``tests/server/test_scoring_json.py`` compares MLflow's answers with and without."""
     from mlflow.pyfunc import scoring_server  # noqa: PLC0415
 
     names = vars(scoring_server)  # its globals
