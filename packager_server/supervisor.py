@@ -596,7 +596,12 @@ def run_started_worker(config: ServerConfig, spec: dict[str, int]) -> int:
     from packager_server.takeover import ConnectionTable  # noqa: PLC0415
 
     row = int(spec["row"])
-    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))  # stopped while loading: quietly
+    # Stopped while loading: the kernel's default ends the process at once. A Python
+    # handler would run only once the interpreter is back in Python, and a framework's
+    # load can spend minutes in C (the server then waited out --graceful-timeout and
+    # killed the worker). _run_worker installs the serving handlers.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a terminal's Ctrl-C reaches workers too
     sock = socket.socket(fileno=int(spec["listen_fd"]))
     metrics = SharedMetrics(config.workers, int(spec["metrics_fd"]))
     connections = ConnectionTable(config.workers, int(spec["connections_fd"]))

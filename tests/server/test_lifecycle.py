@@ -98,6 +98,30 @@ def test_a_killed_busy_worker_is_answered_for_and_replaced_by_one_left_alone(
     assert "has been predicting for over" not in server.stderr()
 
 
+def test_a_spawned_worker_hanging_in_c_while_loading_stops_at_once_on_sigterm(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """A framework's load can spend minutes in C, where no Python signal handler runs: a
+    spawned worker leaves SIGTERM to the kernel until it has loaded, so the server stops
+    without waiting out --graceful-timeout and killing it."""
+    loading = tmp_path / "loading.pid"
+    env = {"SLEEPY_LOAD_HANG": str(loading)}
+    args = ("--workers", "1", "--serving-mode", "spawn", "--graceful-timeout", "20")
+    with run_server(server_models / "sleepy", tmp_path, *args, env=env, wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while not loading.is_file() or not loading.read_text():
+            assert server.process.poll() is None, server.stderr()
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.1)
+        worker = int(loading.read_text())
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=60) == 0
+    log = server.stderr()
+    assert "did not stop in time" not in log, log
+    assert log.rstrip().endswith("stopped"), log
+    assert not Path(f"/proc/{worker}").exists()
+
+
 def test_sigterm_while_loading_exits_0_with_a_log_line(server_models: Path, tmp_path: Path) -> None:
     env = {"SLEEPY_LOAD_SECONDS": "120"}
     with run_server(
