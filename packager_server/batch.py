@@ -112,6 +112,17 @@ def _stop(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
     _signalled = signum
 
 
+def _stopped_while_loading(signum: int, frame: object) -> None:  # noqa: ARG001 - signal API
+    """Nothing is written yet: leave at once, with 128 + the signal. A handler rather than
+    the default action: as a container's first process (``docker run IMAGE predict``),
+    the kernel drops a signal left to its default, and ``docker stop`` would wait for
+    its SIGKILL."""
+    name = signal.Signals(signum).name
+    message = f"packager_server predict: stopped ({name}) while loading the model; "
+    os.write(2, (message + "nothing was written\n").encode())
+    os._exit(128 + signum)
+
+
 def _check_stop() -> None:
     if _signalled:
         raise _Stopped
@@ -426,6 +437,10 @@ def run(config: PredictConfig) -> int:
         model_name=config.model_name,
         model_version=config.model_version,
     )
+    global _signalled  # noqa: PLW0603 - see _stop
+    _signalled = 0
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, _stopped_while_loading)
     try:
         supervisor._import_mlflow()
         before = supervisor._threads()
@@ -438,12 +453,10 @@ def run(config: PredictConfig) -> int:
         log.exception("could not load the model from %s", config.model_dir)
         return EXIT_LOAD_FAILED
     log.info("model loaded in %.2fs", time.monotonic() - started)
+    for signum in _STOP_SIGNALS:  # from now on heeded where stopping is safe
+        signal.signal(signum, _stop)
     workers = _workers(config, scorer, supervisor, before, warm_seconds)
     progress = _Progress()
-    global _signalled  # noqa: PLW0603 - see _stop
-    _signalled = 0
-    for signum in _STOP_SIGNALS:  # while loading, the defaults (nothing to remove)
-        signal.signal(signum, _stop)
     try:
         chunks = read_chunks(config.input, config.content_type, config.chunk_rows)
         with atomic_output(config.output) as out:

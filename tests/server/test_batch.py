@@ -571,3 +571,26 @@ def test_output_to_a_fifo_or_device_is_written_in_place(tmp_path: Path) -> None:
     assert received == [b"1\n2\n"]
     assert fifo.is_fifo()
     assert [p.name for p in tmp_path.iterdir()] == ["out.fifo"]  # no .partial beside it
+
+
+def test_sigterm_while_loading_exits_with_128_plus_the_signal(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """Not the default action: as a container's first process, the kernel would drop it."""
+    source = tmp_path / "in.csv"
+    source.write_text("x\n1.5\n")
+    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
+    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(tmp_path / "o.csv")]
+    loading = tmp_path / "loading.pid"
+    env = {**os.environ, "SLEEPY_LOAD_SECONDS": "120", "SLEEPY_LOAD_PIDFILE": str(loading)}
+    with (tmp_path / "err").open("w+") as err:
+        process = subprocess.Popen(command, stderr=err, env=env)
+        try:
+            wait_until(lambda: loading.is_file() and loading.read_text(), 120, "the load")
+        finally:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait(timeout=60)
+    assert code == 128 + signal.SIGTERM
+    log = (tmp_path / "err").read_text()
+    assert "stopped (SIGTERM) while loading the model; nothing was written" in log, log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv", "loading.pid"]

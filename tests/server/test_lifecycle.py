@@ -105,7 +105,7 @@ def test_a_spawned_worker_hanging_in_c_while_loading_stops_at_once_on_sigterm(
     spawned worker leaves SIGTERM to the kernel until it has loaded, so the server stops
     without waiting out --graceful-timeout and killing it."""
     loading = tmp_path / "loading.pid"
-    env = {"SLEEPY_LOAD_HANG": str(loading)}
+    env = {"SLEEPY_LOAD_PIDFILE": str(loading), "SLEEPY_LOAD_HANG": "1"}
     args = ("--workers", "1", "--serving-mode", "spawn", "--graceful-timeout", "20")
     with run_server(server_models / "sleepy", tmp_path, *args, env=env, wait_ready=False) as server:
         deadline = time.monotonic() + 60
