@@ -537,8 +537,7 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
     other."""
     from multiprocessing import Pipe  # noqa: PLC0415
 
-    gc.collect()
-    gc.freeze()  # the loaded model's pages stay shared
+    gc.freeze()  # the loaded model's pages stay shared (no collect first: see supervisor)
     pipes: list[Connection] = []
     pids: list[int] = []
     for _ in range(workers):
