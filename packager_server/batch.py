@@ -40,7 +40,10 @@ only when every row was scored: nothing is left behind on failure.
 Exit codes: 0 done, 1 a row (or the input) could not be scored, 2 bad arguments, 3 the
 model could not be loaded, 128 + the signal's number when stopped by SIGTERM (``docker
 stop``) or SIGINT. A stop is heeded between chunks and while waiting for a worker; the
-cleanup and the final rename are not interrupted.
+cleanup and the final rename are not interrupted. While the model loads, nothing is
+written yet: a stop ends the process at once (as PID 1 in a container, through a handler
+that exits with 128 + the signal). Workers ignore stop signals sent to the whole group
+(Ctrl-C): the parent heeds them and kills the workers.
 """
 
 from __future__ import annotations
@@ -428,6 +431,16 @@ class _Progress:
 
 
 def run(config: PredictConfig) -> int:
+    # While loading there is nothing to remove: the default action ends the process at
+    # once, even inside a load's C code. Not as a container's first process (`docker run
+    # IMAGE predict`), where the kernel drops a signal left to its default: there a
+    # handler leaves (once the load is back in Python).
+    loading = _stopped_while_loading if os.getpid() == 1 else signal.SIG_DFL
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, loading)
+    global _signalled  # noqa: PLW0603 - see _stop
+    _signalled = 0
+
     from packager_server import supervisor  # noqa: PLC0415
     from packager_server.scoring import Scorer  # noqa: PLC0415
 
@@ -437,10 +450,6 @@ def run(config: PredictConfig) -> int:
         model_name=config.model_name,
         model_version=config.model_version,
     )
-    global _signalled  # noqa: PLW0603 - see _stop
-    _signalled = 0
-    for signum in _STOP_SIGNALS:
-        signal.signal(signum, _stopped_while_loading)
     try:
         supervisor._import_mlflow()
         before = supervisor._threads()
@@ -455,9 +464,10 @@ def run(config: PredictConfig) -> int:
     log.info("model loaded in %.2fs", time.monotonic() - started)
     for signum in _STOP_SIGNALS:  # from now on heeded where stopping is safe
         signal.signal(signum, _stop)
-    workers = _workers(config, scorer, supervisor, before, warm_seconds)
     progress = _Progress()
     try:
+        workers = _workers(config, scorer, supervisor, before, warm_seconds)
+        _check_stop()  # one that came during the forked probe
         chunks = read_chunks(config.input, config.content_type, config.chunk_rows)
         with atomic_output(config.output) as out:
             output = "csv" if config.content_type == "csv" else "jsonl"
@@ -555,7 +565,7 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
     finished = False
     try:
         for index, chunk in zip(range(workers), chunks, strict=False):
-            pipes[index].send(chunk)
+            _send(pipes[index], chunk)
             pending.append((index, chunk))
         while pending:
             index, chunk = pending.popleft()
@@ -565,7 +575,7 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
             yield result[0], result[1], chunk.rows
             following = next(chunks, None)
             if following is not None:
-                pipes[index].send(following)
+                _send(pipes[index], following)
                 pending.append((index, following))
         finished = True
     finally:
@@ -579,6 +589,20 @@ def _forked(scorer: Scorer, chunks: Iterator[Chunk], workers: int, output: str) 
                 os.waitpid(pid, 0)
 
 
+def _died(chunk: Chunk) -> BatchError:
+    last = chunk.first_row + chunk.rows - 1
+    return BatchError(
+        f"rows {chunk.first_row}-{last}: the worker scoring them died (out of memory?)"
+    )
+
+
+def _send(pipe: Connection, chunk: Chunk) -> None:
+    try:
+        pipe.send(chunk)
+    except (BrokenPipeError, ConnectionResetError):
+        raise _died(chunk) from None
+
+
 def _receive(pipe: Connection, chunk: Chunk) -> Any:
     """The worker's answer for the chunk; a stop signal is heeded while waiting."""
     while not pipe.poll(_POLL_SECONDS):
@@ -586,17 +610,17 @@ def _receive(pipe: Connection, chunk: Chunk) -> Any:
     try:
         return pipe.recv()
     except EOFError:
-        raise BatchError(
-            f"rows {chunk.first_row}-{chunk.first_row + chunk.rows - 1}: the worker "
-            "scoring them died (out of memory?)"
-        ) from None
+        raise _died(chunk) from None
 
 
 def _work(scorer: Scorer, pipe: Connection, output: str) -> None:
     code = 0
     try:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        # Stopping is the parent's: it kills the workers once it has heeded the signal. A
+        # Ctrl-C or a service manager signals the whole group; workers dying of it first
+        # made the parent report a dead worker ("out of memory?") instead of the stop.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         while True:
             try:
                 chunk = pipe.recv()

@@ -573,24 +573,71 @@ def test_output_to_a_fifo_or_device_is_written_in_place(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out.fifo"]  # no .partial beside it
 
 
-def test_sigterm_while_loading_exits_with_128_plus_the_signal(
-    server_models: Path, tmp_path: Path
+@pytest.mark.parametrize("first_process", [False, True], ids=["host", "pid-1"])
+def test_sigterm_while_loading_stops_at_once(
+    server_models: Path, tmp_path: Path, first_process: bool
 ) -> None:
-    """Not the default action: as a container's first process, the kernel would drop it."""
+    """Nothing is written yet. On the host the signal's default action ends the process
+    at once (even inside a load's C code); as a PID namespace's first process, as in
+    ``docker run IMAGE predict``, the kernel would drop that, so a handler exits with
+    128 + the signal and says so."""
     source = tmp_path / "in.csv"
     source.write_text("x\n1.5\n")
     command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
     command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(tmp_path / "o.csv")]
+    if first_process:
+        command = ["unshare", "--pid", "--fork", "--kill-child", *command]
     loading = tmp_path / "loading.pid"
     env = {**os.environ, "SLEEPY_LOAD_SECONDS": "120", "SLEEPY_LOAD_PIDFILE": str(loading)}
     with (tmp_path / "err").open("w+") as err:
         process = subprocess.Popen(command, stderr=err, env=env)
         try:
             wait_until(lambda: loading.is_file() and loading.read_text(), 120, "the load")
-        finally:
-            process.send_signal(signal.SIGTERM)
+            predict = process.pid
+            if first_process:  # unshare's child: pid 1 inside, this pid outside
+                assert loading.read_text() == "1"
+                (predict,) = map(
+                    int,
+                    Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split(),
+                )
+            os.kill(predict, signal.SIGTERM)
             code = process.wait(timeout=60)
-    assert code == 128 + signal.SIGTERM
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     log = (tmp_path / "err").read_text()
-    assert "stopped (SIGTERM) while loading the model; nothing was written" in log, log
+    if first_process:
+        assert code == 128 + signal.SIGTERM, log
+        assert "stopped (SIGTERM) while loading the model; nothing was written" in log, log
+    else:
+        assert code == -signal.SIGTERM, log
     assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv", "loading.pid"]
+
+
+def test_a_ctrl_c_to_the_whole_group_mid_run_is_a_stop_not_a_dead_worker(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C (or a service manager) signals every process of the group: the
+    workers leave the stop to the parent, which reports it and removes the output."""
+    source = tmp_path / "in.csv"
+    source.write_text("x\n" + "1.5\n" * 1_000_000)  # minutes in chunks of 50 rows
+    out = tmp_path / "out.csv"
+    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
+    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(out)]
+    with (tmp_path / "err").open("w+") as err:
+        process = subprocess.Popen(
+            [*command, "--workers", "2", "--chunk-rows", "50"],
+            stderr=err,
+            start_new_session=True,
+        )
+        try:
+            wait_until(lambda: list(tmp_path.glob(".out.csv.*.partial")), 120, "the output")
+        finally:
+            os.killpg(process.pid, signal.SIGINT)
+            code = process.wait(timeout=60)
+    log = (tmp_path / "err").read_text()
+    assert code == 128 + signal.SIGINT, log
+    assert "stopped (SIGINT) after" in log, log
+    assert "died" not in log, log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["err", "in.csv"]
