@@ -420,6 +420,8 @@ class Supervisor:
             for pid, status in _reap():
                 if pid in self.workers:
                     self.takeover.drop(self.workers.pop(pid))  # it never had a connection
+                if self._stopping:  # a stop sent to the whole group (Ctrl-C) ended it too
+                    continue
                 code = os.waitstatus_to_exitcode(status)
                 log.error("a worker exited with %d before serving", code)
                 if code != EXIT_LOAD_FAILED and tries < _FIRST_WORKER_TRIES:

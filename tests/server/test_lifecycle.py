@@ -122,6 +122,27 @@ def test_a_spawned_worker_hanging_in_c_while_loading_stops_at_once_on_sigterm(
     assert not Path(f"/proc/{worker}").exists()
 
 
+def test_a_stop_sent_to_the_whole_group_while_a_spawned_worker_loads_is_a_plain_stop(
+    server_models: Path, tmp_path: Path
+) -> None:
+    """A terminal's Ctrl-C reaches the loading worker too: that is the stop, not a
+    worker to replace."""
+    loading = tmp_path / "loading.pid"
+    env = {"SLEEPY_LOAD_PIDFILE": str(loading), "SLEEPY_LOAD_SECONDS": "120"}
+    args = ("--workers", "1", "--serving-mode", "spawn")
+    with run_server(server_models / "sleepy", tmp_path, *args, env=env, wait_ready=False) as server:
+        deadline = time.monotonic() + 60
+        while not loading.is_file() or not loading.read_text():
+            assert server.process.poll() is None, server.stderr()
+            assert time.monotonic() < deadline, server.stderr()
+            time.sleep(0.1)
+        os.killpg(server.process.pid, signal.SIGINT)  # run_server starts a new session
+        assert server.process.wait(timeout=60) == 0
+    log = server.stderr()
+    assert "before serving" not in log, log
+    assert log.rstrip().endswith("stopped"), log
+
+
 def test_sigterm_while_loading_exits_0_with_a_log_line(server_models: Path, tmp_path: Path) -> None:
     env = {"SLEEPY_LOAD_SECONDS": "120"}
     with run_server(
