@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -167,8 +168,11 @@ def test_an_interrupted_build_leaves_no_tag(  # noqa: PLR0917 - pytest fixtures
     private_wheels: dict[str, Path],
     docker_client: Any,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
-    """Ctrl-C or a kill while the engine builds: no tag, no running build container.
+    """Ctrl-C or a kill while the engine builds: no tag, no running build container, and
+    after Ctrl-C no build context left in the temporary directory (after a kill, the one
+    left is in this test's own, not in /tmp).
 
     The model is private-wheel/2, which carries its own wheel (``add_libraries_to_model``):
     the re-run after the kill is also the Docker backend's build of a model with a wheel
@@ -186,11 +190,14 @@ def test_an_interrupted_build_leaves_no_tag(  # noqa: PLR0917 - pytest fixtures
     model = "models:/private-wheel/2"
     interrupted_build = [PACKAGER, "build", model, "--no-bytecode"]
     interrupted_build += ["--backend", "docker"]
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
     process = subprocess.Popen(
         [*interrupted_build, "-t", tag, "--base-image", fresh_base],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "TMPDIR": str(temporary)},
     )
     try:
         assert process.stderr is not None
@@ -211,6 +218,7 @@ def test_an_interrupted_build_leaves_no_tag(  # noqa: PLR0917 - pytest fixtures
     assert code != 0
     if signal_number == signal.SIGINT:
         assert code == 130
+        assert list(temporary.iterdir()) == []
     assert (
         subprocess.run(
             ["docker", "image", "inspect", tag], capture_output=True, check=False
