@@ -529,18 +529,21 @@ def test_predict_scores_in_one_process_when_a_fork_would_hang(
     assert out.read_text() == "prediction\n2.0\n3.0\n4.0\n"
 
 
+def _long_run(server_models: Path, tmp_path: Path) -> list[str]:
+    """A predict command that takes minutes (a million rows in chunks of 50) into out.csv."""
+    source = tmp_path / "in.csv"
+    source.write_text("x\n" + "1.5\n" * 1_000_000)
+    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
+    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(tmp_path / "out.csv")]
+    return [*command, "--workers", "2", "--chunk-rows", "50"]
+
+
 def test_sigterm_mid_run_stops_the_workers_and_leaves_nothing(
     server_models: Path, tmp_path: Path
 ) -> None:
-    source = tmp_path / "in.csv"
-    source.write_text("x\n" + "1.5\n" * 1_000_000)  # minutes in chunks of 50 rows
-    out = tmp_path / "out.csv"
-    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
-    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(out)]
+    command = _long_run(server_models, tmp_path)
     with (tmp_path / "err").open("w+") as err:
-        process = subprocess.Popen(
-            [*command, "--workers", "2", "--chunk-rows", "50"], stderr=err, text=True
-        )
+        process = subprocess.Popen(command, stderr=err, text=True)
         try:
             wait_until(lambda: list(tmp_path.glob(".out.csv.*.partial")), 120, "the output")
         finally:
@@ -620,17 +623,9 @@ def test_a_ctrl_c_to_the_whole_group_mid_run_is_a_stop_not_a_dead_worker(
 ) -> None:
     """A terminal's Ctrl-C (or a service manager) signals every process of the group: the
     workers leave the stop to the parent, which reports it and removes the output."""
-    source = tmp_path / "in.csv"
-    source.write_text("x\n" + "1.5\n" * 1_000_000)  # minutes in chunks of 50 rows
-    out = tmp_path / "out.csv"
-    command = [sys.executable, "-m", "packager_server", "predict", "--model-dir"]
-    command += [str(server_models / "sleepy"), "-i", str(source), "-o", str(out)]
+    command = _long_run(server_models, tmp_path)
     with (tmp_path / "err").open("w+") as err:
-        process = subprocess.Popen(
-            [*command, "--workers", "2", "--chunk-rows", "50"],
-            stderr=err,
-            start_new_session=True,
-        )
+        process = subprocess.Popen(command, stderr=err, start_new_session=True)
         try:
             wait_until(lambda: list(tmp_path.glob(".out.csv.*.partial")), 120, "the output")
         finally:

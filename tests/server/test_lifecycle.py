@@ -98,6 +98,15 @@ def test_a_killed_busy_worker_is_answered_for_and_replaced_by_one_left_alone(
     assert "has been predicting for over" not in server.stderr()
 
 
+def _wait_for_the_load(server: ServerProcess, loading: Path) -> None:
+    """Until the sleepy model's load has begun in a worker (it writes SLEEPY_LOAD_PIDFILE)."""
+    deadline = time.monotonic() + 60
+    while not loading.is_file() or not loading.read_text():
+        assert server.process.poll() is None, server.stderr()
+        assert time.monotonic() < deadline, server.stderr()
+        time.sleep(0.1)
+
+
 def test_a_spawned_worker_hanging_in_c_while_loading_stops_at_once_on_sigterm(
     server_models: Path, tmp_path: Path
 ) -> None:
@@ -108,11 +117,7 @@ def test_a_spawned_worker_hanging_in_c_while_loading_stops_at_once_on_sigterm(
     env = {"SLEEPY_LOAD_PIDFILE": str(loading), "SLEEPY_LOAD_HANG": "1"}
     args = ("--workers", "1", "--serving-mode", "spawn", "--graceful-timeout", "20")
     with run_server(server_models / "sleepy", tmp_path, *args, env=env, wait_ready=False) as server:
-        deadline = time.monotonic() + 60
-        while not loading.is_file() or not loading.read_text():
-            assert server.process.poll() is None, server.stderr()
-            assert time.monotonic() < deadline, server.stderr()
-            time.sleep(0.1)
+        _wait_for_the_load(server, loading)
         worker = int(loading.read_text())
         server.process.send_signal(signal.SIGTERM)
         assert server.process.wait(timeout=60) == 0
@@ -131,11 +136,7 @@ def test_a_stop_sent_to_the_whole_group_while_a_spawned_worker_loads_is_a_plain_
     env = {"SLEEPY_LOAD_PIDFILE": str(loading), "SLEEPY_LOAD_SECONDS": "120"}
     args = ("--workers", "1", "--serving-mode", "spawn")
     with run_server(server_models / "sleepy", tmp_path, *args, env=env, wait_ready=False) as server:
-        deadline = time.monotonic() + 60
-        while not loading.is_file() or not loading.read_text():
-            assert server.process.poll() is None, server.stderr()
-            assert time.monotonic() < deadline, server.stderr()
-            time.sleep(0.1)
+        _wait_for_the_load(server, loading)
         os.killpg(server.process.pid, signal.SIGINT)  # run_server starts a new session
         assert server.process.wait(timeout=60) == 0
     log = server.stderr()
